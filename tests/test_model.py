@@ -1,0 +1,277 @@
+"""The network against the paper's and torchvision's published facts, and the weight-file loader."""
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from MobileNetV2 import STAGES, MobileNetV2, WeightsError, load_model, read_weights, to_torchvision_keys
+
+TORCHVISION_PARAMS = {0.35: 1_677_128, 0.5: 1_968_680, 0.75: 2_636_424, 1.0: 3_504_872, 1.4: 6_108_776}
+
+
+@pytest.mark.parametrize("width", sorted(TORCHVISION_PARAMS))
+def test_parameter_count_and_names_equal_torchvision(width):
+    model = MobileNetV2(width_mult=width)
+    reference = torchvision.models.mobilenet_v2(width_mult=width)
+    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[width]
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert ours == theirs
+
+
+def test_stage_table_is_the_papers_table_2():
+    assert STAGES == [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
+                      [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+@pytest.mark.parametrize("size", [224, 97])
+def test_outputs_equal_torchvision_with_its_weights(size):
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2().eval()
+    # Give BatchNorm non-trivial statistics, so a wrong layer order could not hide behind identity BNs.
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model = MobileNetV2()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-5
+
+
+def test_initialisation_follows_torchvision_scheme():
+    torch.manual_seed(0)
+    model = MobileNetV2()
+    linear = model.classifier[1]
+    assert abs(linear.weight.std().item() - 0.01) < 1e-3 and linear.bias.abs().sum() == 0
+    conv = model.features[0][0]  # kaiming normal, fan_out = 32 * 3 * 3
+    assert abs(conv.weight.std().item() - (2 / (32 * 9)) ** 0.5) < 0.02
+    bn = model.features[0][1]
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_any_input_size_and_number_of_classes():
+    model = MobileNetV2(num_classes=7, width_mult=0.35).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+        assert model(torch.randn(3, 3, 250, 190)).shape == (3, 7)
+
+
+def test_linear_bottleneck_has_no_activation_after_projection_or_add():
+    model = MobileNetV2()
+    for block in model.features[1:-1]:
+        assert isinstance(block.conv[-1], nn.BatchNorm2d)  # project ends in BN, no ReLU6
+        assert isinstance(block.conv[-2], nn.Conv2d) and block.conv[-2].kernel_size == (1, 1)
+    # A residual block's output goes negative: nothing clips it after the add.
+    block = model.features[2 + 1]  # second block of the 24-channel stage: has the shortcut
+    assert block.use_residual
+    with torch.no_grad():
+        assert block.eval()(torch.randn(1, 24, 8, 8)).min() < 0
+
+
+def test_dropout_is_off_by_default_and_one_flag_away():
+    assert MobileNetV2().classifier[0].p == 0.0
+    assert MobileNetV2(dropout=0.2).classifier[0].p == 0.2
+
+
+# ---- public weight layouts, each written independently of the loader's own mapping ---------------
+
+def _flat_from_torchvision(key, block_prefix):
+    """torchvision block key -> the flat Sequential numbering of the older repos."""
+    m = re.fullmatch(r"features\.(\d+)\.conv\.(.+)", key)
+    if not m:
+        return None
+    index, rest = int(m.group(1)), m.group(2)
+    if index == 1:  # t == 1: dw(0) bn(1) relu(2) pw-linear(3) bn(4)
+        table = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
+    else:           # pw(0) bn(1) relu(2) dw(3) bn(4) relu(5) pw-linear(6) bn(7)
+        table = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
+    for old, new in table.items():
+        if rest.startswith(old + "."):
+            return f"{block_prefix}.{index}.conv.{new}.{rest[len(old) + 1:]}"
+    raise AssertionError(key)
+
+
+def to_seed(sd):
+    out = {}
+    for k, v in sd.items():
+        new = _flat_from_torchvision(k, "network")
+        if new is None:
+            new = k.replace("features.", "network.").replace("classifier.1.", "classifier.")
+        out["module." + new] = v
+    return out
+
+
+def to_tonylins(sd, bare_linear=True):
+    out = {}
+    for k, v in sd.items():
+        new = _flat_from_torchvision(k, "features") or k
+        if bare_linear:
+            new = new.replace("classifier.1.", "classifier.")
+        out[new] = v
+    return out
+
+
+def to_dli14(sd):
+    out = {}
+    for k, v in sd.items():
+        new = _flat_from_torchvision(k, "features") or k
+        new = new.replace("features.18.", "conv.").replace("classifier.1.", "classifier.")
+        out[new] = v
+    return out
+
+
+def to_timm(sd):
+    names = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"}
+    first = {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
+    starts = []  # feature index of each stage's first block
+    index = 1
+    for _, _, n, _ in STAGES:
+        starts.append(index)
+        index += n
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("features.0."):
+            new = k.replace("features.0.0.", "conv_stem.").replace("features.0.1.", "bn1.")
+        elif k.startswith("features.18."):
+            new = k.replace("features.18.0.", "conv_head.").replace("features.18.1.", "bn2.")
+        elif k.startswith("classifier.1."):
+            new = k.replace("classifier.1.", "classifier.")
+        else:
+            m = re.fullmatch(r"features\.(\d+)\.conv\.(\d(?:\.\d)?)\.(\w+)", k)
+            i = int(m.group(1))
+            stage = max(s for s in range(len(starts)) if starts[s] <= i)
+            table = first if i == 1 else names
+            new = f"blocks.{stage}.{i - starts[stage]}.{table[m.group(2)]}.{m.group(3)}"
+        out[new] = v
+    return out
+
+
+def _compile_prefix(sd):
+    return {"_orig_mod." + k: v for k, v in sd.items()}
+
+
+LAYOUTS = {
+    "torchvision": lambda sd: sd,
+    "torchvision under module._orig_mod.": lambda sd: {"module." + k: v for k, v in _compile_prefix(sd).items()},
+    "seed": to_seed,
+    "tonylins": to_tonylins,
+    "tonylins with classifier.1": lambda sd: to_tonylins(sd, bare_linear=False),
+    "d-li14": to_dli14,
+    "timm": to_timm,
+    "timm inside a training checkpoint": lambda sd: {"state_dict": to_timm(sd), "epoch": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(1)
+    model = torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_public_layout_loads_and_gives_the_same_outputs(layout, reference, tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(LAYOUTS[layout](reference.state_dict()), path)
+    model = load_model(path)
+    assert model.config["width_mult"] == 0.5 and model.config["num_classes"] == 10
+    assert not model.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_layout_is_named_by_the_conversion(reference):
+    assert to_torchvision_keys(to_timm(reference.state_dict()))[1] == "timm"
+    assert to_torchvision_keys(to_seed(reference.state_dict()))[1] == "seed"
+    assert to_torchvision_keys(to_dli14(reference.state_dict()))[1] == "d-li14"
+
+
+def test_a_file_of_another_architecture_names_its_first_keys(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(WeightsError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert str(path) in message and "conv1.weight" in message and "\n" not in message
+
+
+def test_a_layout_with_foreign_keys_names_them(reference, tmp_path):
+    sd = to_timm(reference.state_dict())
+    sd["blocks.1.0.se.fc.weight"] = torch.zeros(1)
+    path = tmp_path / "timm_se.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match=r"blocks\.1\.0\.se\.fc\.weight"):
+        load_model(path)
+
+
+def test_class_and_width_mismatches_name_the_problem(reference, tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(reference.state_dict(), path)
+    with pytest.raises(WeightsError, match="classifier.1.weight has 10 classes"):
+        load_model(path, num_classes=1000)
+    with pytest.raises(WeightsError, match="width 0.5 model, not width 1"):
+        load_model(path, width_mult=1.0)
+    assert load_model(path, num_classes=10, width_mult=0.5).config["width_mult"] == 0.5
+
+
+def test_repo_checkpoint_rebuilds_the_model_from_its_config(tmp_path):
+    torch.manual_seed(2)
+    model = MobileNetV2(num_classes=5, width_mult=0.35, dropout=0.2)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "epoch_3.pth"
+    torch.save({"format": "mobilenetv2-checkpoint", "version": 1, "model": model.state_dict(),
+                "model_ema": ema, "model_config": model.config, "epoch": 3}, path)
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    loaded_ema = load_model(path, use_ema=True)
+    assert torch.equal(loaded_ema.classifier[1].bias, ema["classifier.1.bias"])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(WeightsError, match="refused"):
+        read_weights(path)
+    with pytest.raises(WeightsError, match="refused"):
+        load_model(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "not a zip"])
+def test_damaged_files_give_one_line_naming_the_file(damage, reference, tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(reference.state_dict(), path)
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"hello, not a checkpoint" * 10)
+    with pytest.raises(WeightsError) as info:
+        load_model(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
