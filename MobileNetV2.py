@@ -8,6 +8,7 @@ with ``strict=True``; the other public layouts (the seed repo, tonylins, d-li14,
 the explicit key mappings in ``LAYOUTS``.
 """
 import argparse
+import hashlib
 import pickle
 import re
 import zipfile
@@ -163,7 +164,39 @@ def read_weights(path):
                            "it is corrupt or truncated, use another copy") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: holds a {type(data).__name__}, expected a dict of weights")
+    if "sha256" in data and data["sha256"] != checkpoint_digest(data):
+        raise WeightsError(f"{path}: contents differ from the checksum saved inside it (a damaged copy "
+                           "or bit rot); use another checkpoint")
     return data
+
+
+def checkpoint_digest(data):
+    """sha256 over everything in a checkpoint dict except its own "sha256" entry.
+
+    A zip checkpoint with a flipped bit inside a tensor still loads, silently different; this digest,
+    saved inside the file by train.py, makes such damage an error instead.
+    """
+    digest = hashlib.sha256()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {tensor.dtype} {tuple(obj.shape)};".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            digest.update(f"dict {len(obj)};".encode())
+            for key, value in obj.items():
+                feed(key)
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+            for value in obj:
+                feed(value)
+        else:
+            digest.update(f"{type(obj).__name__} {obj!r};".encode())
+
+    feed({key: value for key, value in data.items() if key != "sha256"})
+    return digest.hexdigest()
 
 
 def _first_line(error):

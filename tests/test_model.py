@@ -6,7 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
-from MobileNetV2 import STAGES, MobileNetV2, WeightsError, load_model, read_weights, to_torchvision_keys
+from MobileNetV2 import (STAGES, MobileNetV2, WeightsError, checkpoint_digest, load_model, read_weights,
+                         to_torchvision_keys)
 
 TORCHVISION_PARAMS = {0.35: 1_677_128, 0.5: 1_968_680, 0.75: 2_636_424, 1.0: 3_504_872, 1.4: 6_108_776}
 
@@ -275,3 +276,31 @@ def test_damaged_files_give_one_line_naming_the_file(damage, reference, tmp_path
     with pytest.raises(WeightsError) as info:
         load_model(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_flipped_bit_in_a_checksummed_checkpoint_is_caught(tmp_path):
+    model = MobileNetV2(num_classes=3, width_mult=0.35)
+    data = {"format": "mobilenetv2-checkpoint", "version": 1, "model": model.state_dict(),
+            "model_config": model.config, "epoch": 1}
+    data["sha256"] = checkpoint_digest(data)
+    path = tmp_path / "last.pth"
+    torch.save(data, path)
+    assert load_model(path).config == model.config
+    raw = bytearray(path.read_bytes())
+    # Flip one bit inside the classifier's stored floats: the zip container itself stays valid.
+    weight = model.classifier[1].weight.detach().numpy().tobytes()
+    offset = bytes(raw).find(weight[:64])
+    assert offset > 0
+    raw[offset + 5] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="checksum"):
+        read_weights(path)
+
+
+def test_torchvision_reference_checkpoint_with_namespace_args_loads(reference, tmp_path):
+    import argparse
+    path = tmp_path / "model_89.pth"
+    torch.save({"model": reference.state_dict(), "epoch": 89, "args": argparse.Namespace(lr=0.1)}, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(x), reference(x))
