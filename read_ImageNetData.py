@@ -160,14 +160,33 @@ def read_classes(layout, class_order="sorted"):
     if class_order not in CLASS_ORDERS:
         raise ValueError(f"class_order must be one of {CLASS_ORDERS}, got {class_order!r}")
     if layout.meta_mat is None:
-        raise DataError(f"no devkit meta.mat in {layout.root}: expected {DEVKIT_DIRS[0]}/data/meta.mat "
-                        "(extract ILSVRC2012_devkit_t12.tar.gz there)")
+        return _classes_from_folders(layout, class_order)
     leaves = read_meta_mat(layout.meta_mat)
     # devkit order: ILSVRC2012_ID 1 is index 0; sorted order: what torchvision's ImageFolder and every
     # public weight file use, so the same weights score right only in the order they were trained in.
     leaves.sort(key=(lambda s: s[1]) if class_order == "sorted" else (lambda s: s[0]))
     return Classes(order=class_order, wnids=[w for _, w, _ in leaves], names=[n for _, _, n in leaves],
                    ilsvrc_ids=[i for i, _, _ in leaves])
+
+
+def _classes_from_folders(layout, class_order):
+    """Without a devkit, a complete train/ (or sorted val/) of 1000 <wnid>/ folders still gives the sorted
+    order exactly; anything less could shift every label after a missing class, so it is refused."""
+    need = (f"no devkit meta.mat in {layout.root}: expected {DEVKIT_DIRS[0]}/data/meta.mat "
+            "(extract ILSVRC2012_devkit_t12.tar.gz there)")
+    if class_order != "sorted":
+        raise DataError(f"{need}; --class-order {class_order} needs its ILSVRC2012 IDs")
+    for split_dir in (layout.train_dir, None if layout.val_flat else layout.val_dir):
+        if split_dir is None:
+            continue
+        wnids = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and WNID.match(e.name))
+        if len(wnids) == NUM_CLASSES:
+            log.warning("%s: no devkit meta.mat, so classes are the %d sorted folder names, without "
+                        "class names", layout.root, NUM_CLASSES)
+            return Classes(order="sorted", wnids=wnids, names=list(wnids), ilsvrc_ids=[0] * NUM_CLASSES)
+        raise DataError(f"{need}; {split_dir} has {len(wnids)} <wnid>/ folders, so its labels cannot be "
+                        f"trusted without it")
+    raise DataError(need)
 
 
 def read_ground_truth(path, num_classes=NUM_CLASSES):

@@ -438,3 +438,21 @@ def test_cli_make_demo(tmp_path):
     result = cli("--make-demo", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "demo" / "ILSVRC2012_img_val").iterdir())) > 300
+
+
+def test_without_devkit_a_complete_train_folder_gives_the_sorted_order(tmp_path):
+    wnids = sorted(w for _, w, _, children in fake_synsets() if not children)
+    for w in wnids:
+        (tmp_path / "train" / w).mkdir(parents=True)
+    write_jpeg(tmp_path / "train" / wnids[7] / "a.JPEG")
+    layout = data.find_layout(tmp_path)
+    assert layout.meta_mat is None
+    classes = data.read_classes(layout, "sorted")
+    assert classes.wnids == wnids
+    assert labels_of(data.list_samples(layout, "train", classes)) == {"a.JPEG": 7}
+    with pytest.raises(data.DataError, match="devkit needs|ILSVRC2012 IDs"):
+        data.read_classes(layout, "devkit")
+    # One class folder fewer would shift every later label: refused, not guessed.
+    shutil.rmtree(tmp_path / "train" / wnids[3])
+    with pytest.raises(data.DataError, match="999 <wnid>/ folders"):
+        data.read_classes(layout, "sorted")
