@@ -1,0 +1,161 @@
+"""Process-group setup for data-parallel training: one process per GPU, under torchrun, or on the CPU.
+
+    launch(worker, args, device_type="cuda")   # plain launch: spawns one `worker(args)` per visible GPU
+
+Three ways a training process comes to life, all ending in the same `setup()`:
+  * a plain `python train.py` on a machine with N > 1 visible GPUs: `launch` spawns N processes;
+  * `torchrun` (one or several machines): it already started the processes and set RANK/WORLD_SIZE;
+  * anything else (one GPU, the CPU): one process, no process group at all.
+NCCL carries the collectives on CUDA, gloo on the CPU.
+"""
+import datetime
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# The variables a launcher (torchrun, or `launch` below) sets for each process.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits in the job."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def launched_by_launcher(env=None):
+    """True when a launcher (torchrun or `launch`) started this process as one rank of a job."""
+    env = os.environ if env is None else env
+    return all(name in env for name in LAUNCHER_VARIABLES)
+
+
+def resolve_device_type(name):
+    """'auto' means CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
+def processes_to_spawn(device_type, env=None):
+    """How many processes a plain launch should start: one per visible GPU, else just this one."""
+    if launched_by_launcher(env) or device_type != "cuda":
+        return 1
+    return max(1, torch.cuda.device_count())
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank, worker, args, nprocs):
+    # A spawned process is a rank of a single-machine job, exactly as torchrun would describe it.
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nprocs),
+                      LOCAL_WORLD_SIZE=str(nprocs))
+    code = worker(args)
+    if code:
+        sys.exit(code)  # the launcher reads the job's outcome from the exit codes
+
+
+def launch(worker, args, device_type):
+    """Run `worker(args)` here, or once per visible GPU in spawned processes. Returns an exit code.
+
+    When one spawned rank fails, the others are terminated and its exit code (or 1 for an exception,
+    whose traceback is printed) is returned, so the whole job fails in bounded time instead of hanging.
+    """
+    nprocs = processes_to_spawn(device_type)
+    if nprocs == 1:
+        return worker(args) or 0
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    context = mp.start_processes(_spawned, args=(worker, args, nprocs), nprocs=nprocs, join=False,
+                                 start_method="spawn")
+
+    # A preemption signal sent to the launching process only (e.g. Ctrl-C, `kill PID`) must reach the
+    # ranks, which save a checkpoint; without forwarding they would be orphaned mid-epoch.
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(e, flush=True)
+        return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def setup(device_type, timeout_minutes=30.0):
+    """Join the job's process group (if there is one) and pick this rank's device."""
+    if not launched_by_launcher() or int(os.environ["WORLD_SIZE"]) == 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        return Context(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # The timeout bounds how long a rank waits on a peer that hangs without dying; a peer that dies
+    # closes its sockets and the collective fails at once.
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor, context):
+    """Sum a tensor over all ranks in place (a no-op for one process)."""
+    if context.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(context):
+    if context.distributed:
+        dist.barrier()
+
+
+def broadcast_object(obj, context, src=0):
+    """Every rank gets rank `src`'s (picklable, plain) object."""
+    if not context.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

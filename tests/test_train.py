@@ -1,0 +1,568 @@
+"""train.py and distributed.py on tiny generated data: artefacts, exact resume, preemption, faults, DDP.
+
+    python -m pytest tests/test_train.py -q
+
+Every run uses the demo layout (10 digit classes among 1000) with 4 training and 1 validation image per
+class at 32 px and a width-0.25 network, so the whole file stays within a few minutes on two CPU cores.
+"""
+import errno
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from MobileNetV2 import MobileNetV2, checkpoint_digest, load_model, to_torchvision_keys
+from read_ImageNetData import TrainSampler, make_demo, normalize
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_IMAGES = 40  # 10 classes x 4
+BATCH = 8
+STEPS = TRAIN_IMAGES // BATCH
+TIMING = ("seconds", "images_per_s")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("demo"), seed=0, train_per_class=4, val_per_class=1, image_size=32)
+
+
+def parse(data, out, *extra):
+    return train.get_args_parser().parse_args(
+        ["--data-dir", str(data), "--save-path", str(out), "--batch-size", str(BATCH), "--num-epochs", "1",
+         "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--print-freq", "100", *extra])
+
+
+def run_main(args, on_step=None):
+    """main() in this process; returns the exit code (0 when it returns normally)."""
+    try:
+        train.main(args, on_step=on_step)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
+def assert_same_tensors(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A short run and its artefacts
+
+
+@pytest.fixture(scope="session")
+def two_epochs(data, tmp_path_factory):
+    """One uninterrupted 2-epoch run with dropout, EMA and workers (augmentation in another process)."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    args = parse(data, out, "--num-epochs", "2", "--dropout", "0.2", "--model-ema", "--num-workers", "1")
+    assert run_main(args) == 0
+    return out
+
+
+def test_short_run_writes_every_artefact(two_epochs):
+    names = {p.name for p in two_epochs.iterdir()}
+    assert {"epoch_1.pth", "epoch_2.pth", "last.pth", "best.pth", "metrics.csv", "result.txt", "curves.png"} <= names
+    ckpt = load(two_epochs / "last.pth")  # plain data: weights_only=True reads it
+    assert ckpt["format"] == "mobilenetv2-checkpoint" and ckpt["version"] == 1
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 0
+    assert ckpt["model_config"]["num_classes"] == 1000 and ckpt["model_config"]["width_mult"] == 0.25
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["model_ema"] is not None and ckpt["model_ema"].keys() == ckpt["model"].keys()
+    assert ckpt["classes"]["order"] == "sorted" and len(ckpt["classes"]["wnids"]) == 1000
+    assert ckpt["data"]["input_size"] == 32 and ckpt["args"]["batch_size"] == BATCH
+    assert {"python", "numpy", "torch"} <= ckpt["rng"].keys() and ckpt["sampler"]["epoch"] == 1
+    assert ckpt["sha256"] == checkpoint_digest(ckpt)
+    assert len(ckpt["metrics"]) == 2
+    header = (two_epochs / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:7] == ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"]
+    assert len((two_epochs / "result.txt").read_text().splitlines()) == 2
+    assert (two_epochs / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # evaluate.py's loader rebuilds the model from the file alone
+    model = load_model(two_epochs / "last.pth")
+    assert model.config["width_mult"] == 0.25
+    lr = [m["lr"] for m in ckpt["metrics"]]
+    assert lr == pytest.approx([0.045, 0.045 * 0.98])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_resume_is_bit_exact(data, two_epochs, tmp_path):
+    extra = ("--dropout", "0.2", "--model-ema", "--num-workers", "1")
+    assert run_main(parse(data, tmp_path, *extra)) == 0
+    assert run_main(parse(data, tmp_path, *extra, "--num-epochs", "2", "--resume", str(tmp_path / "last.pth"))) == 0
+    resumed, straight = load(tmp_path / "last.pth"), load(two_epochs / "last.pth")
+    for key in ("model", "model_ema", "optimizer", "lr_scheduler", "epoch", "step", "best_acc1", "sampler"):
+        assert_same_tensors(resumed[key], straight[key])  # tolerance 0
+    assert without_timing(resumed["metrics"]) == without_timing(straight["metrics"])
+
+
+def to_seed_layout(state):
+    """torchvision keys -> the seed's DataParallel file: module.network.<i>.conv.<flat index>.*"""
+    expanded = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
+    unexpanded = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"features\.(\d+)\.conv\.(\d(?:\.\d)?)\.(\w+)", key)
+        if m:
+            table = unexpanded if m.group(1) == "1" else expanded
+            key = f"network.{m.group(1)}.conv.{table[m.group(2)]}.{m.group(3)}"
+        else:
+            key = key.replace("features.", "network.").replace("classifier.1.", "classifier.")
+        out["module." + key] = value
+    return out
+
+
+def test_seed_format_weights_resume_at_start_epoch_with_implied_lr(data, tmp_path):
+    torch.manual_seed(3)
+    reference = MobileNetV2(num_classes=1000, width_mult=0.25)
+    seed_file = tmp_path / "epoch_200.pth"
+    torch.save(to_seed_layout(reference.state_dict()), seed_file)
+    assert to_torchvision_keys(load(seed_file))[1] == "seed"
+    out = tmp_path / "out"
+    seen = {}
+
+    def on_step(epoch, step, indices):
+        seen.setdefault(epoch, step)
+
+    args = parse(data, out, "--resume", str(seed_file), "--start-epoch", "200", "--num-epochs", "201")
+    assert run_main(args, on_step) == 0
+    ckpt = load(out / "last.pth")
+    assert list(seen) == [200] and ckpt["epoch"] == 201
+    assert [m["epoch"] for m in ckpt["metrics"]] == [201]
+    assert ckpt["metrics"][0]["lr"] == pytest.approx(0.045 * 0.98 ** 200)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.045 * 0.98 ** 200)
+
+
+def test_resume_file_continues_without_start_epoch_and_start_epoch_wins(data, two_epochs, tmp_path, capsys):
+    args = parse(data, tmp_path, "--num-epochs", "3", "--resume", str(two_epochs / "epoch_1.pth"),
+                 "--start-epoch", "2")
+    assert run_main(args) == 0
+    assert "overrides" in capsys.readouterr().out
+    assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 3]
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_resume_auto_skips_corrupt_newest(data, two_epochs, tmp_path, capsys):
+    for name in ("epoch_1.pth", "epoch_2.pth", "last.pth", "best.pth"):
+        (tmp_path / name).write_bytes((two_epochs / name).read_bytes())
+    now = time.time()
+    for age, name in enumerate(("last.pth", "epoch_2.pth", "best.pth", "epoch_1.pth")):
+        os.utime(tmp_path / name, (now - age, now - age))
+    size = (tmp_path / "last.pth").stat().st_size
+    flip_byte(tmp_path / "last.pth", size // 2)                                # a bit flip inside tensor data
+    with open(tmp_path / "epoch_2.pth", "r+b") as f:                            # truncated
+        f.truncate(size // 3)
+    (tmp_path / "best.pth").write_bytes(b"")                                    # zero bytes
+    path, ckpt = train.find_resume_checkpoint(tmp_path, log=print)
+    assert path.name == "epoch_1.pth" and ckpt["epoch"] == 1
+    notes = capsys.readouterr().out
+    assert all(name in notes for name in ("last.pth", "epoch_2.pth", "best.pth"))
+
+    # the whole run: resumes from epoch 1 and trains epoch 2 again
+    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto")) == 0
+    assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 2]
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncated", "empty"])
+def test_corrupt_resume_file_gives_one_line_error(data, two_epochs, tmp_path, capsys, damage):
+    bad = tmp_path / "bad.pth"
+    payload = (two_epochs / "epoch_1.pth").read_bytes()
+    bad.write_bytes({"bitflip": payload, "truncated": payload[:len(payload) // 2], "empty": b""}[damage])
+    if damage == "bitflip":
+        flip_byte(bad, len(payload) // 2)
+    assert run_main(parse(data, tmp_path / "out", "--resume", str(bad))) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in err[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preemption
+
+
+def test_sigterm_mid_epoch_then_resume_covers_each_sample_once(data, tmp_path):
+    consumed = []
+
+    def preempt(epoch, step, indices):
+        consumed.append((epoch, indices.tolist()))
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled like a cluster's preemption
+
+    args = parse(data, tmp_path, "--num-epochs", "2")
+    assert run_main(args, preempt) == 128 + signal.SIGTERM
+    ckpt = load(tmp_path / "last.pth")
+    assert ckpt["epoch"] == 0 and 0 < ckpt["step"] < STEPS
+    first = len(consumed)
+    assert first == ckpt["step"]  # the step in flight was finished, nothing more
+
+    def record(epoch, step, indices):
+        consumed.append((epoch, indices.tolist()))
+
+    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto"), record) == 0
+    epoch0 = [i for epoch, batch in consumed if epoch == 0 for i in batch]
+    sampler = TrainSampler(TRAIN_IMAGES, seed=0)
+    sampler.set_epoch(0)
+    assert epoch0 == list(sampler)[:STEPS * BATCH]  # every sample of the epoch exactly once, in order
+    assert len(set(epoch0)) == len(epoch0)
+    assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults while saving
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
+    assert run_main(parse(data, tmp_path)) == 0
+    before = (tmp_path / "last.pth").read_bytes()
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto")) == 1
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch_2.pth" in err[0] and "No space left" in err[0]
+    assert (tmp_path / "last.pth").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp-*")) and not (tmp_path / "epoch_2.pth").exists()
+    path, ckpt = train.find_resume_checkpoint(tmp_path)
+    assert ckpt["epoch"] == 1
+
+
+def test_sigkill_while_writing_keeps_previous_checkpoint(data, tmp_path):
+    out = tmp_path / "out"
+    script = tmp_path / "killed.py"
+    # Killed inside the second epoch's first checkpoint write, after its bytes went to the temporary file.
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, train
+        real = os.fsync
+        def fsync(fd):
+            if ".epoch_2.pth.tmp" in os.readlink(f"/proc/self/fd/{{fd}}"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(fd)
+        os.fsync = fsync
+        args = train.get_args_parser().parse_args({[
+            "--data-dir", str(data), "--save-path", str(out), "--batch-size", str(BATCH), "--num-epochs", "2",
+            "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0"]!r})
+        train.main(args)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(out.glob(".epoch_2.pth.tmp-*"))  # the partial write is there, under a name never resumed
+    assert not (out / "epoch_2.pth").exists()
+    assert (out / "last.pth").read_bytes() == (out / "epoch_1.pth").read_bytes()  # untouched
+    assert run_main(parse(data, out, "--num-epochs", "2", "--resume", "auto")) == 0
+    assert load(out / "last.pth")["epoch"] == 2 and not list(out.glob(".*.tmp-*"))
+
+
+def test_keep_last_deletes_only_after_successor_is_written(data, tmp_path, monkeypatch):
+    assert run_main(parse(data, tmp_path, "--num-epochs", "3", "--keep-last", "1")) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "epoch_3.pth", "last.pth"]
+
+    # A failing write of epoch 4 must not cost epoch 3, the only epoch file.
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert run_main(parse(data, tmp_path, "--num-epochs", "4", "--keep-last", "1", "--resume", "auto")) == 1
+    monkeypatch.undo()
+    assert (tmp_path / "epoch_3.pth").is_file() and train.read_checkpoint(tmp_path / "epoch_3.pth")["epoch"] == 3
+
+
+def test_atomic_write_never_leaves_a_mix(tmp_path, monkeypatch):
+    target = tmp_path / "last.pth"
+    train.atomic_write(b"old", target)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(train.CheckpointError, match=re.escape(str(target))):
+        train.atomic_write(b"new" * 1000, target)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_killed_loader_worker_gives_a_clear_error_not_a_hang(data, tmp_path, capsys):
+    import multiprocessing
+
+    def kill_worker(epoch, step, indices):
+        if step == 1:  # batches 4 and 5 are not requested yet (1 worker x prefetch 2): the loss is noticed
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                child.join(5)  # the loader's SIGCHLD check fires here, inside the run, not in a later test
+
+    started = time.monotonic()
+    assert run_main(parse(data, tmp_path, "--num-workers", "1"), kill_worker) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data loader process died" in err[0]
+    assert time.monotonic() - started < 60
+
+
+# ----------------------------------------------------------------------------------------------------
+# Non-finite loss
+
+
+class NanAt:
+    """CrossEntropy that returns NaN on the given calls (counted from 1)."""
+
+    def __init__(self, calls):
+        self.calls, self.n = set(calls), 0
+        self.inner = torch.nn.CrossEntropyLoss()
+
+    def __call__(self, logits, targets):
+        self.n += 1
+        loss = self.inner(logits, targets)
+        return loss * float("nan") if self.n in self.calls else loss
+
+
+def test_one_nan_loss_is_skipped_and_training_goes_on(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_criterion", lambda label_smoothing=0.0: NanAt({2}))
+    assert run_main(parse(data, tmp_path)) == 0
+    ckpt = load(tmp_path / "last.pth")
+    assert ckpt["metrics"][0]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_nan_losses_in_a_row_stop_cleanly_keeping_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    assert run_main(parse(data, tmp_path)) == 0
+    good = (tmp_path / "last.pth").read_bytes()
+    monkeypatch.setattr(train, "build_criterion", lambda label_smoothing=0.0: NanAt(range(2, 100)))
+    code = run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto", "--max-nonfinite", "3"))
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and "3 steps in a row" in err[0]
+    assert (tmp_path / "last.pth").read_bytes() == good and not (tmp_path / "epoch_2.pth").exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    model = MobileNetV2(num_classes=10, width_mult=0.25)
+    with torch.no_grad():
+        model.classifier[1].weight[0, 0] = float("nan")
+    with pytest.raises(train.CheckpointError, match="NaN"):
+        train.write_checkpoint({"model": model.state_dict(), "model_ema": None}, [tmp_path / "last.pth"])
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags and errors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--class-order", "alphabetical"], "--class-order"),
+    (["--lr", "nan"], "--lr"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args_parser().parse_args(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_missing_data_and_mismatched_flags_exit_2_with_one_line(data, two_epochs, tmp_path, capsys):
+    cases = [
+        (parse(tmp_path / "nowhere", tmp_path), "no such directory"),
+        (parse(data, tmp_path, "--resume", str(tmp_path / "missing.pth")), "no such file"),
+        (parse(data, tmp_path, "--num-class", "10"), "--num-class"),
+        (parse(data, tmp_path, "--resume", str(two_epochs / "last.pth"), "--width-mult", "0.5"), "--width-mult"),
+        (parse(data, tmp_path, "--batch-size", "1000"), "--batch-size"),
+    ]
+    for args, message in cases:
+        assert run_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_num_classes_mismatch_names_the_parameter(data, tmp_path):
+    state = MobileNetV2(num_classes=10, width_mult=0.25).state_dict()
+    model = MobileNetV2(num_classes=1000, width_mult=0.25)
+    with pytest.raises(train.UsageError, match=r"classifier\.1\.weight.*--num-class"):
+        train.load_state_checked(model, state, "x.pth")
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "missing"), "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no such directory" in proc.stderr
+
+
+def test_demo_settings_apply_and_explicit_flags_win():
+    args = train.resolve_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
+    assert args.num_epochs == 2  # given explicitly
+    assert (args.input_size, args.save_path, args.device) == (64, "output/demo", "cpu")
+    assert args.data_dir == "output/demo/data" and args.resize == 73
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules and helpers
+
+
+def test_lr_schedules():
+    seed = train.LRSchedule(0.045, 400)
+    assert seed(0) == 0.045 and seed(200, 7, 10) == pytest.approx(0.045 * 0.98 ** 200)
+    cosine = train.LRSchedule(0.1, 10, "cosine", warmup_epochs=1, min_lr=0.0)
+    assert cosine(0, 0, 10) == pytest.approx(0.01) and cosine(0, 9, 10) == pytest.approx(0.1)
+    assert cosine(1, 0, 10) == pytest.approx(0.1) and cosine(10, 0, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_decay_on_norm_and_bias():
+    model = MobileNetV2(num_classes=10, width_mult=0.25)
+    groups = train.parameter_groups(model, 4e-5, decay_norm_and_bias=False)
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in groups[1]["params"])
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes (gloo on the CPU, launched by torchrun)
+
+
+DDP_SCRIPT = """
+import sys, torch
+import distributed, train
+from MobileNetV2 import MobileNetV2
+torch.manual_seed(0)
+context = distributed.setup("cpu")
+images = torch.randint(0, 256, (3, 8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+targets = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(2))
+half = slice(4 * context.rank, 4 * context.rank + 4)  # each rank: its half of each global batch of 8
+loader = [(images[s, half], targets[s, half], torch.arange(4), torch.zeros(4, dtype=torch.int64)) for s in range(3)]
+torch.manual_seed(0)
+model = MobileNetV2(num_classes=10, width_mult=0.25).double()
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
+# float64 and NCHW: at initialisation, BatchNorm over 4 images amplifies rounding differences (a
+# different summation order of the gradients) by ~1e4 per step, beyond the tolerance in float32.
+train.train_one_epoch(ddp, loader, torch.nn.CrossEntropyLoss(), optimizer, train.LRSchedule(0.01, 1), 0, 3,
+                      torch.device("cpu"), context, channels_last=False)
+if context.is_main:
+    torch.save({k: v.detach().contiguous() for k, v in model.named_parameters()}, sys.argv[1])
+distributed.cleanup()
+"""
+
+
+def test_ddp_two_processes_match_one_process_averaging_half_batch_losses(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    proc = torchrun(script, tmp_path / "ddp.pt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+
+    # What DDP computes: each half-batch through the model on its own (its own BatchNorm statistics),
+    # the gradients averaged, i.e. the gradient of the mean of the two half-batch losses.
+    images = torch.randint(0, 256, (3, 8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = MobileNetV2(num_classes=10, width_mult=0.25).double()
+    optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
+    criterion = torch.nn.CrossEntropyLoss()
+    model.train()
+    for s in range(3):
+        halves = [slice(0, 4), slice(4, 8)]
+        losses = [criterion(model(normalize(images[s, h]).double()), targets[s, h]) for h in halves]
+        optimizer.zero_grad()
+        ((losses[0] + losses[1]) / 2).backward()
+        optimizer.step()
+    reference = dict(model.named_parameters())
+    worst = max((ddp[k] - reference[k]).abs().max().item() for k in reference)
+    assert ddp.keys() == reference.keys() and worst <= 1e-5
+    torch.manual_seed(0)
+    initial = MobileNetV2(num_classes=10, width_mult=0.25).double()
+    moved = max((ddp[k] - p).abs().max().item() for k, p in initial.named_parameters())
+    assert moved > 1e-3  # the test would notice a run that did nothing
+
+
+MAIN_SCRIPT = """
+import os, sys, train
+fail = os.environ.get("FAIL_RANK")
+def on_step(epoch, step, indices):
+    if fail is not None and os.environ["RANK"] == fail and step == 2:
+        raise RuntimeError(f"injected failure on rank {fail}")
+train.main(train.get_args_parser().parse_args(sys.argv[1:]), on_step=on_step)
+"""
+
+
+def test_two_process_checkpoint_resumes_in_one_process_and_loads_for_evaluation(data, tmp_path):
+    script = tmp_path / "main.py"
+    script.write_text(MAIN_SCRIPT)
+    out = tmp_path / "out"
+    flags = ["--data-dir", data, "--save-path", out, "--batch-size", BATCH, "--num-epochs", "1",
+             "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu"]
+    proc = torchrun(script, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 x 4" in proc.stdout  # the log names the per-process share of the global batch
+    ckpt = load(out / "last.pth")
+    assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1
+    assert load_model(out / "last.pth").config["num_classes"] == 1000
+    assert run_main(parse(data, out, "--num-epochs", "2", "--resume", "auto")) == 0
+    assert load(out / "last.pth")["epoch"] == 2 and load(out / "last.pth")["world_size"] == 1
+    flags[flags.index("--num-epochs") + 1] = "3"
+    proc = torchrun(script, *flags, "--resume", "auto")  # and back to two processes
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["epoch"] for m in load(out / "last.pth")["metrics"]] == [1, 2, 3]
+
+
+def test_a_failing_rank_ends_the_whole_job_in_bounded_time(data, tmp_path):
+    script = tmp_path / "main.py"
+    script.write_text(MAIN_SCRIPT)
+    started = time.monotonic()
+    env_flags = ["--data-dir", data, "--save-path", tmp_path / "out", "--batch-size", BATCH, "--num-epochs", "1",
+                 "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu"]
+    os.environ["FAIL_RANK"] = "1"
+    try:
+        proc = torchrun(script, *env_flags, timeout=180)
+    finally:
+        del os.environ["FAIL_RANK"]
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert time.monotonic() - started < 150
