@@ -195,7 +195,8 @@ def get_args_parser(add_help=True):
     model.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
                        help="validation resize interpolation (torchvision's reference)")
     model.add_argument("--class-order", choices=["sorted", "devkit"], default="sorted",
-                       help="class index order: sorted WNIDs (torchvision, seed) or devkit ILSVRC2012_ID")
+                       help="class index order: sorted WNIDs (torchvision, timm, public weights) or devkit "
+                            "ILSVRC2012_ID - 1 (the seed repo's)")
     model.add_argument("--seed", type=_non_negative_int, default=0, help="seed for init, sampling and augmentation")
 
     dev = p.add_argument_group("devices and speed")
