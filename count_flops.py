@@ -14,11 +14,12 @@ import copy
 import io
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from MobileNetV2 import MobileNetV2, WeightsError, load_model
+from MobileNetV2 import MobileNetV2, WeightsError, load_model, read_weights
 
 GRID_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.4)
 GRID_SIZES = (96, 128, 160, 192, 224)
@@ -136,30 +137,63 @@ def format_grid(rows):
     return "\n".join(out)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit code 2, as argparse, without the usage block in front of it.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Count MobileNetV2 parameters and multiply-adds.")
-    parser.add_argument("--width-mult", type=float, default=1.0, help="width multiplier (paper: 0.35-1.4)")
+    parser = _Parser(description="Count MobileNetV2 parameters and multiply-adds.")
+    parser.add_argument("--width-mult", type=float, default=None,
+                        help="width multiplier (paper: 0.35-1.4; default 1.0, or the file's with --weights)")
     parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels (>= 32)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (ImageNet: 1000)")
-    parser.add_argument("--weights", default=None, help="count the model saved in this weight file instead")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default 1000 as ImageNet, or the file's with --weights)")
+    parser.add_argument("--weights", default=None,
+                        help="count the model saved in this weight file instead; --width-mult and "
+                             "--num-classes, if given, must be what it holds")
     parser.add_argument("--grid", action="store_true",
                         help="the paper's trade-off grid: widths 0.35-1.4 x resolutions 96-224 (exact count)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     return parser
 
 
+def load_counted_model(parser, args):
+    """The model in --weights. A missing file, or a flag the file contradicts, is a usage error (exit 2);
+    a file that cannot be used is exit 1. Either way one line."""
+    if not Path(args.weights).is_file():
+        parser.error(f"argument --weights: no such file: {args.weights}")
+    try:
+        data = read_weights(args.weights)
+        model = load_model(data)
+    except WeightsError as e:
+        message = str(e) if str(e).startswith(args.weights) else f"{args.weights}: {e}"
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+    for flag, key, value in (("--width-mult", "width_mult", args.width_mult),
+                             ("--num-classes", "num_classes", args.num_classes)):
+        if value is not None:
+            try:
+                load_model(data, **{key: value})
+            except WeightsError as e:
+                parser.error(f"argument {flag}: {args.weights}: {str(e).removeprefix('weights: ')}")
+    return model
+
+
 def main(args):
     parser = get_args_parser()
     if args.input_size < 32:
         parser.error(f"--input-size must be at least 32 (five stride-2 stages), got {args.input_size}")
-    if args.width_mult <= 0:
+    if args.width_mult is not None and args.width_mult <= 0:
         parser.error(f"--width-mult must be positive, got {args.width_mult}")
-    if args.num_classes < 1:
+    if args.num_classes is not None and args.num_classes < 1:
         parser.error(f"--num-classes must be at least 1, got {args.num_classes}")
+    num_classes = 1000 if args.num_classes is None else args.num_classes
     if args.grid:
         rows = []
         for w in GRID_WIDTHS:
-            model = MobileNetV2(num_classes=args.num_classes, width_mult=w)
+            model = MobileNetV2(num_classes=num_classes, width_mult=w)
             params = count_parameters(model)
             for s in GRID_SIZES:
                 rows.append({"width_mult": w, "input_size": s, "params": params,
@@ -167,13 +201,9 @@ def main(args):
         print(json.dumps(rows, indent=2) if args.json else format_grid(rows))
         return rows
     if args.weights:
-        try:
-            model = load_model(args.weights)
-        except WeightsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+        model = load_counted_model(parser, args)
     else:
-        model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult)
+        model = MobileNetV2(num_classes=num_classes, width_mult=1.0 if args.width_mult is None else args.width_mult)
     row = measure(model, args.input_size)
     print(json.dumps(row, indent=2) if args.json else format_report(row))
     return row

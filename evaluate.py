@@ -622,8 +622,14 @@ def _device(text):
         raise argparse.ArgumentTypeError(f"not a device: {text} (cpu, cuda, cuda:1, ...)") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit code 2, as argparse, without the many-line usage block in front of it.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Score MobileNetV2 weights on ImageNet val, predict images, or export the model.",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="*", help="image files or directories to predict (top-k classes each); "

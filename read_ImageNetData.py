@@ -281,6 +281,9 @@ def _open(src):
 
 
 def _to_rgb(im):
+    if im.mode.startswith("I;16"):
+        # 16-bit greyscale (PNG): keep the top 8 bits; convert() would clip every value above 255 to white
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
     # convert() also decodes; for RGB files load() avoids convert()'s full copy
     if im.mode != "RGB":
         return im.convert("RGB")
@@ -317,6 +320,15 @@ def _jpeg_size(data):
     except ValueError:
         return None
     return width, height
+
+
+def _refuse_bomb(width, height):
+    """Pillow's decompression-bomb rule for images that Pillow does not open: over twice
+    Image.MAX_IMAGE_PIXELS is refused (a small file can declare gigapixels)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > 2 * limit:
+        raise Image.DecompressionBombError(f"image size ({width * height} pixels) exceeds limit of "
+                                           f"{2 * limit} pixels, could be decompression bomb DOS attack")
 
 
 class TrainTransform:
@@ -366,6 +378,8 @@ class TrainTransform:
             with open(src, "rb") as f:
                 data = f.read()
             size = _jpeg_size(data)
+            if size:
+                _refuse_bomb(*size)  # libjpeg would decode it: Pillow's limit has to be applied here
             im = None if size else Image.open(io.BytesIO(data))
             size = size or im.size
         width, height = size
@@ -824,9 +838,14 @@ def summarize(layout, classes, samples):
     return lines
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit code 2, as argparse, without the usage block in front of it.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="ImageNet root (ILSVRC2012_img_train/, ILSVRC2012_img_val/, "
                         "ILSVRC2012_devkit_t12/, or train/ + val/)")
     parser.add_argument("--class-order", default="sorted", choices=CLASS_ORDERS,

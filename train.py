@@ -1019,7 +1019,12 @@ def train(args, context, stop, on_step=None):
                 paths.append(save_path / "best.pth")
             write_checkpoint(make_checkpoint(epoch + 1, 0), paths)
             prune_epoch_files(save_path, args.keep_last, log)
-            write_reports(metrics, save_path)
+            try:
+                write_reports(metrics, save_path)
+            except OSError as e:
+                raise CheckpointError(f"could not write {e.filename or save_path}: {e.strerror or e}; epoch "
+                                      f"{epoch + 1} is saved in its checkpoint: free space, then --resume auto"
+                                      ) from None
             if tensorboard is not None:
                 for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s"):
                     tensorboard.add_scalar(key, record[key], epoch + 1)
@@ -1047,6 +1052,15 @@ def ensure_demo_data(args, log=print):
     return root
 
 
+def _own_message(error):
+    """The error's one-line message; raised in a DataLoader worker, it arrives wrapped in that worker's
+    traceback, with the original message on the last line."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def _guarded(args, on_step=None):
     """run() with the job's errors turned into one line and an exit code (also inside spawned ranks)."""
     prefix = "train.py: error: "
@@ -1061,7 +1075,7 @@ def _guarded(args, on_step=None):
         print(f"train.py: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
     except (TrainingError, WeightsError, DataError) as e:
-        print(prefix + str(e), file=sys.stderr, flush=True)
+        print(prefix + _own_message(e), file=sys.stderr, flush=True)
         return 1
     except dist.DistError as e:
         print(prefix + f"lost contact with another process of the job ({str(e).splitlines()[0]}); "
