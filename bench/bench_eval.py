@@ -24,7 +24,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from MobileNetV2 import MobileNetV2, load_model  # noqa: E402
-from evaluate import (EvaluationError, evaluate, export_onnx, maybe_compile,  # noqa: E402
+from evaluate import (EvaluationError, evaluate, export_onnx, inference_model, maybe_compile,  # noqa: E402
                       prepare_for_inference)
 from read_ImageNetData import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
 
@@ -102,10 +102,11 @@ def run(batch_size=32, batches=4, repeats=5, image_size=224, weights=None, compi
     ...}; with compile also "ours_compiled", "ratio_compiled", "compile_seconds" (when compiling works)."""
     model = load_model(weights) if weights else random_model()
     ref = reference_model(model)
-    fast = prepare_for_inference(model, input_size=image_size, batch_size=batch_size)
+    # What evaluate.py scores with on the CPU: onnxruntime when installed, else the prepared PyTorch model.
+    fast, channels_last, backend = inference_model(model, "cpu", "auto", image_size, batch_size, log)
     data = make_batches(batch_size, batches, image_size, model.config["num_classes"])
     loops = {"reference": lambda: plain_eval(ref, data),
-             "ours": lambda: evaluate(fast, data, "cpu", progress=False)}
+             "ours": lambda: evaluate(fast, data, "cpu", channels_last=channels_last, progress=False)}
     diffs = {"ours": max_logit_diff(fast, ref, data)}
     compile_seconds = None
     if compile:
@@ -126,7 +127,7 @@ def run(batch_size=32, batches=4, repeats=5, image_size=224, weights=None, compi
     result = {"ours": speed["ours"], "reference": speed["reference"],
               "ratio": speed["ours"] / speed["reference"],
               "max_abs_diff": diffs["ours"], "unit": "images/s", "threads": torch.get_num_threads(),
-              "batch_size": batch_size, "image_size": image_size, "images_per_repeat": images,
+              "batch_size": batch_size, "image_size": image_size, "images_per_repeat": images, "backend": backend,
               "repeats": repeats}
     if "ours_compiled" in speed:
         result.update(ours_compiled=speed["ours_compiled"],
@@ -211,7 +212,8 @@ def main(args):
           f"median of {r['repeats']} alternating repeats")
     print(f"{'':46s}{'images/s':>10s}{'ratio':>8s}{'max |diff|':>12s}")
     print(f"{'torchvision mobilenet_v2, eager NCHW fp32':46s}{r['reference']:10.1f}{1:8.2f}{0:12.1e}")
-    print(f"{'evaluate(): folded BN, NHWC, packed + ReLU6':46s}{r['ours']:10.1f}{r['ratio']:8.2f}"
+    label = f"evaluate() via {r['backend']}" + (": folded BN, NHWC, packed" if r["backend"] == "torch" else "")
+    print(f"{label:46s}{r['ours']:10.1f}{r['ratio']:8.2f}"
           f"{r['max_abs_diff']:12.1e}")
     if "ours_compiled" in r:
         print(f"{'evaluate(): folded BN, NHWC, torch.compile':46s}{r['ours_compiled']:10.1f}"

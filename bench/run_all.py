@@ -79,7 +79,8 @@ def data_rows(images, s, threads):
 
 def eval_rows_cpu(s):
     r = bench_eval.run(s["eval_batch"], s["eval_batches"], s["eval_repeats"], s["eval_size"])
-    note = f"batch {r['batch_size']} x {r['image_size']} px, max |logit diff| {r['max_abs_diff']:.1e}"
+    note = (f"batch {r['batch_size']} x {r['image_size']} px via {r['backend']}, "
+            f"max |logit diff| {r['max_abs_diff']:.1e}")
     return {"evaluation (cpu)": _row(r["ratio"], r["ours"], r["reference"], "images/s", note)}, r["max_abs_diff"]
 
 

@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import json
+import sys
 import socket
 
 import pytest
@@ -264,6 +265,25 @@ def test_plain_and_fast_paths_give_the_same_scores(trained, demo):
     plain = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, "--plain", *PRE)
     assert (fast["top1"], fast["top5"]) == (plain["top1"], plain["top5"])
     assert fast["loss"] == pytest.approx(plain["loss"], abs=1e-4)
+
+
+def test_onnxruntime_and_torch_backends_give_the_same_scores(trained, demo):
+    runs = {backend: run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0,
+                         "--backend", backend, *PRE) for backend in ("onnxruntime", "torch")}
+    assert {backend: r["backend"] for backend, r in runs.items()} == {"onnxruntime": "onnxruntime",
+                                                                      "torch": "torch"}
+    ort, pt = runs["onnxruntime"], runs["torch"]
+    assert (ort["top1"], ort["top5"], ort["images"]) == (pt["top1"], pt["top5"], pt["images"])
+    assert ort["loss"] == pytest.approx(pt["loss"], abs=1e-4)
+
+
+def test_without_onnxruntime_scoring_falls_back_to_pytorch_with_a_note(trained, demo, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    result = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, *PRE)
+    assert result["backend"] == "torch" and result["images"] == len(trained["labels"])
+    assert "onnxruntime not used" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run("--weights", trained["path"], "--data-dir", demo, "--backend", "onnxruntime", *PRE)
 
 
 def test_amp_on_cpu_counts_every_image(trained, demo):
