@@ -19,6 +19,7 @@ import copy
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -637,23 +638,24 @@ def predict_images(model, files, transform, device, mean, std, topk=5, batch_siz
 # Command line
 
 
-def _positive_int(text):
+def positive_int(text):
+    """argparse types shared with train.py: a bad value becomes a one-line usage error."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _non_negative_int(text):
+def non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
-def _positive_float(text):
+def positive_float(text):
     value = float(text)
-    if not value > 0:
+    if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
@@ -681,40 +683,40 @@ def get_args_parser(add_help=True):
                    help="weight file or checkpoint of any public layout, or a named public file: "
                         + ", ".join(DOWNLOADABLE) + " (fetched into --pretrained-dir)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a checkpoint")
-    p.add_argument("--num-classes", type=_positive_int, default=None,
+    p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes the weights must have (default: read from the file)")
-    p.add_argument("--width-mult", type=_positive_float, default=None,
+    p.add_argument("--width-mult", type=positive_float, default=None,
                    help="width the weights must have (default: read from the file)")
     p.add_argument("--pretrained-dir", type=Path, default=PRETRAINED_DIR,
                    help="where named public weights are stored")
 
     data = p.add_argument_group("data (named as in train.py)")
     data.add_argument("--data-dir", type=Path, default=None, help="ImageNet root (devkit + val images)")
-    data.add_argument("--batch-size", type=_positive_int, default=64)
-    data.add_argument("--num-workers", type=_non_negative_int, default=4)
+    data.add_argument("--batch-size", type=positive_int, default=64)
+    data.add_argument("--num-workers", type=non_negative_int, default=4)
     data.add_argument("--class-order", choices=("sorted", "devkit"), default=None,
                       help="label order of weights that do not record one (default sorted WNIDs, as "
                            "torchvision; the seed repo trained with devkit order). A checkpoint's own "
                            "order wins")
-    data.add_argument("--max-images", type=_positive_int, default=None,
+    data.add_argument("--max-images", type=positive_int, default=None,
                       help="score only the first N val images (in file-name order)")
     data.add_argument("--device", type=_device, default=None, help="default: cuda when available, else cpu")
 
     pre = p.add_argument_group("preprocessing (default: the checkpoint's, else the published one of a "
                                "recognised file, else torchvision's 256 / 224 / bilinear / ImageNet "
                                "statistics)")
-    pre.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the centre crop")
-    pre.add_argument("--crop", type=_positive_int, default=None, help="centre crop = network input size")
+    pre.add_argument("--resize", type=positive_int, default=None, help="shorter side before the centre crop")
+    pre.add_argument("--crop", type=positive_int, default=None, help="centre crop = network input size")
     pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
-    pre.add_argument("--std", type=_positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
+    pre.add_argument("--std", type=positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
 
     out = p.add_argument_group("outputs")
     out.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     out.add_argument("--per-class", type=Path, default=None,
                      help="write per-class top-1 as CSV (index, wnid, name, top1, count)")
     out.add_argument("--predictions", type=Path, default=None, help="write per-image top-5 as CSV")
-    out.add_argument("--topk", type=_positive_int, default=5, help="classes shown per single image")
+    out.add_argument("--topk", type=positive_int, default=5, help="classes shown per single image")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     speed = p.add_argument_group("speed")
@@ -729,8 +731,8 @@ def get_args_parser(add_help=True):
     exp = p.add_argument_group("export (dynamic batch size, checked against PyTorch)")
     exp.add_argument("--export-onnx", type=Path, default=None, help="write an ONNX model here")
     exp.add_argument("--export-torchscript", type=Path, default=None, help="write a TorchScript model here")
-    exp.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset")
-    exp.add_argument("--export-tolerance", type=_positive_float, default=1e-4,
+    exp.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
+    exp.add_argument("--export-tolerance", type=positive_float, default=1e-4,
                      help="largest |logit difference| the exported model may show")
     return p
 

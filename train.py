@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distributed
-from evaluate import evaluate
+from evaluate import evaluate, non_negative_int, positive_float, positive_int
 from MobileNetV2 import MobileNetV2, WeightsError, checkpoint_digest, load_model, read_weights
 from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, DataError, EvalSampler, TrainSampler, TrainTransform,
                                build_datasets, build_loader, make_demo, normalize)
@@ -93,27 +93,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _non_negative_float(text):
     value = float(text)
     if not value >= 0 or not math.isfinite(value):
@@ -143,22 +122,22 @@ def get_args_parser(add_help=True):
                             "RMSProp there; the seed reproduced it with SGD).")
     seed = p.add_argument_group("the seed's flags (same meaning)")
     seed.add_argument("--data-dir", default="/ImageNet", help="ImageNet root in the seed's layout or train/ + val/")
-    seed.add_argument("--batch-size", type=_positive_int, default=256,
+    seed.add_argument("--batch-size", type=positive_int, default=256,
                       help="global batch, split evenly over the processes (seed)")
-    seed.add_argument("--num-class", type=_positive_int, default=1000, help="number of classes (seed)")
-    seed.add_argument("--num-epochs", type=_positive_int, default=400, help="total epochs (seed)")
-    seed.add_argument("--lr", type=_positive_float, default=0.045, help="base learning rate (seed, paper)")
-    seed.add_argument("--num-workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
+    seed.add_argument("--num-class", type=positive_int, default=1000, help="number of classes (seed)")
+    seed.add_argument("--num-epochs", type=positive_int, default=400, help="total epochs (seed)")
+    seed.add_argument("--lr", type=positive_float, default=0.045, help="base learning rate (seed, paper)")
+    seed.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                       help="loader processes per training process (default: min(8, CPU count))")
-    seed.add_argument("--print-freq", type=_positive_int, default=10,
+    seed.add_argument("--print-freq", type=positive_int, default=10,
                       help="steps between plain log lines when the output is not a terminal (seed)")
-    seed.add_argument("--save-epoch-freq", type=_positive_int, default=1,
+    seed.add_argument("--save-epoch-freq", type=positive_int, default=1,
                       help="write epoch_N.pth every N epochs (seed)")
     seed.add_argument("--save-path", default="output", help="checkpoints, metrics and curves go here (seed)")
     seed.add_argument("--resume", default="", metavar="FILE|auto",
                       help="continue from a checkpoint; 'auto': the newest one in --save-path that loads. "
                            "A seed-format weights file resumes at --start-epoch")
-    seed.add_argument("--start-epoch", type=_non_negative_int, default=None,
+    seed.add_argument("--start-epoch", type=non_negative_int, default=None,
                       help="epochs already done (default: the checkpoint's, else 0); sets lr 0.045 x 0.98^N")
     seed.add_argument("--gpus", default=None, help="seed flag: comma-separated GPU ids to use "
                                                     "(same as CUDA_VISIBLE_DEVICES)")
@@ -170,12 +149,12 @@ def get_args_parser(add_help=True):
                      help="no weight decay on BatchNorm weights and biases (seed: decayed)")
     opt.add_argument("--lr-schedule", choices=["exponential", "cosine"], default="exponential",
                      help="exponential: lr x gamma every epoch (seed); cosine: per-step cosine to --min-lr")
-    opt.add_argument("--lr-gamma", type=_positive_float, default=0.98, help="per-epoch lr factor (seed, paper)")
+    opt.add_argument("--lr-gamma", type=positive_float, default=0.98, help="per-epoch lr factor (seed, paper)")
     opt.add_argument("--warmup-epochs", type=_non_negative_float, default=0.0,
                      help="linear lr warm-up from ~0, per step (seed: none)")
     opt.add_argument("--min-lr", type=_non_negative_float, default=0.0, help="final lr of the cosine schedule")
     opt.add_argument("--label-smoothing", type=_fraction, default=0.0, help="label smoothing (seed: none)")
-    opt.add_argument("--crop-scale-min", type=_positive_float, default=0.08,
+    opt.add_argument("--crop-scale-min", type=positive_float, default=0.08,
                      help="smallest area fraction of the random-resized crop (Inception, torchvision)")
     opt.add_argument("--hflip", type=_unit_interval, default=0.5,
                      help="probability of a horizontal flip (Inception, torchvision)")
@@ -184,20 +163,20 @@ def get_args_parser(add_help=True):
     opt.add_argument("--model-ema", action="store_true",
                      help="keep an exponential moving average of the weights, validated each epoch too")
     opt.add_argument("--model-ema-decay", type=_fraction, default=0.9999, help="EMA decay per optimizer step")
-    opt.add_argument("--max-nonfinite", type=_positive_int, default=3,
+    opt.add_argument("--max-nonfinite", type=positive_int, default=3,
                      help="stop after this many non-finite losses in a row (each such step is skipped)")
 
     model = p.add_argument_group("model and data")
-    model.add_argument("--width-mult", type=_positive_float, default=1.0, help="width multiplier (paper: 1.0)")
-    model.add_argument("--input-size", type=_positive_int, default=224, help="training/validation crop (paper: 224)")
-    model.add_argument("--resize", type=_positive_int, default=None,
+    model.add_argument("--width-mult", type=positive_float, default=1.0, help="width multiplier (paper: 1.0)")
+    model.add_argument("--input-size", type=positive_int, default=224, help="training/validation crop (paper: 224)")
+    model.add_argument("--resize", type=positive_int, default=None,
                        help="validation resize before the centre crop (default: input size x 256/224)")
     model.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
                        help="validation resize interpolation (torchvision's reference)")
     model.add_argument("--class-order", choices=["sorted", "devkit"], default="sorted",
                        help="class index order: sorted WNIDs (torchvision, timm, public weights) or devkit "
                             "ILSVRC2012_ID - 1 (the seed repo's)")
-    model.add_argument("--seed", type=_non_negative_int, default=0, help="seed for init, sampling and augmentation")
+    model.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, sampling and augmentation")
 
     dev = p.add_argument_group("devices and speed")
     dev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -209,11 +188,11 @@ def get_args_parser(add_help=True):
                      help="NHWC memory format: same results, faster convolutions on CPU and tensor cores")
     dev.add_argument("--compile", action="store_true", help="torch.compile the model")
     dev.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
-    dev.add_argument("--dist-timeout", type=_positive_float, default=30.0,
+    dev.add_argument("--dist-timeout", type=positive_float, default=30.0,
                      help="minutes a rank waits for a silent peer before failing")
 
     out = p.add_argument_group("output")
-    out.add_argument("--keep-last", type=_non_negative_int, default=0,
+    out.add_argument("--keep-last", type=non_negative_int, default=0,
                      help="keep only the newest k epoch_N.pth files (0: keep all); last/best always stay")
     out.add_argument("--tensorboard", action="store_true", help="also log to <save-path>/tensorboard")
     out.add_argument("--demo", action="store_true",
