@@ -693,7 +693,8 @@ def get_args_parser(add_help=True):
     data = p.add_argument_group("data (named as in train.py)")
     data.add_argument("--data-dir", type=Path, default=None, help="ImageNet root (devkit + val images)")
     data.add_argument("--batch-size", type=positive_int, default=64)
-    data.add_argument("--num-workers", type=non_negative_int, default=4)
+    data.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+                      help="loader processes per evaluation process (default: min(8, CPU count), as train.py)")
     data.add_argument("--class-order", choices=("sorted", "devkit"), default=None,
                       help="label order of weights that do not record one (default sorted WNIDs, as "
                            "torchvision; the seed repo trained with devkit order). A checkpoint's own "
