@@ -116,3 +116,14 @@ def fake_imagenet_factory(tmp_path):
     def factory(root=None, **kwargs):
         return make_fake_imagenet(root or tmp_path / f"imagenet{next(count)}", **kwargs)
     return factory
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tiny tensors gain nothing from a second thread, and on a shared
+    machine OpenMP threads that wait for a busy core slow each operator down by orders of magnitude."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ SIZE, RESIZE = 32, 36  # tiny images keep every end-to-end run well under a seco
 PRE = ["--resize", str(RESIZE), "--crop", str(SIZE)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared machine OpenMP threads that wait
-    # for a busy core slow each operator down by orders of magnitude.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*argv):
