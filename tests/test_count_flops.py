@@ -7,6 +7,7 @@ import torch
 
 import count_flops
 from MobileNetV2 import MobileNetV2
+from conftest import RunsCode
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +61,9 @@ def test_counts_a_saved_model(tmp_path, capsys):
     assert row["num_classes"] == 10 and row["width_mult"] == 0.5 and row["params"] == 700_490
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_untrusted_weight_file_is_refused(tmp_path, capsys):
     marker, path = tmp_path / "marker", tmp_path / "evil.pth"
-    torch.save({"state_dict": _Payload(marker)}, path)
+    torch.save({"state_dict": RunsCode(marker)}, path)
     with pytest.raises(SystemExit) as info:
         count_flops.main(count_flops.get_args_parser().parse_args(["--weights", str(path)]))
     assert info.value.code == 1

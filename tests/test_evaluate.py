@@ -19,6 +19,7 @@ from MobileNetV2 import MobileNetV2
 from read_ImageNetData import (EvalSampler, eval_transform, find_layout, list_samples, make_demo, normalize,
                                read_classes)
 from test_model import LAYOUTS as PUBLIC_LAYOUTS  # each public layout written independently of the loader
+from conftest import RunsCode
 
 SIZE, RESIZE = 32, 36  # tiny images keep every end-to-end run well under a second
 PRE = ["--resize", str(RESIZE), "--crop", str(SIZE)]
@@ -557,19 +558,9 @@ def _corrupt(tmp_path):
     return path
 
 
-class _RunsCode:
-    """A pickle that would create a file when loaded unsafely."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def _pickle_payload(tmp_path):
     path = tmp_path / "payload.pth"
-    torch.save({"features.0.0.weight": _RunsCode(tmp_path / "ran")}, path)
+    torch.save({"features.0.0.weight": RunsCode(tmp_path / "ran")}, path)
     return path
 
 

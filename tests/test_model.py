@@ -6,6 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import RunsCode
 from MobileNetV2 import (STAGES, MobileNetV2, WeightsError, checkpoint_digest, load_model, read_weights,
                          to_torchvision_keys)
 
@@ -240,18 +241,10 @@ def test_repo_checkpoint_rebuilds_the_model_from_its_config(tmp_path):
     assert torch.equal(loaded_ema.classifier[1].bias, ema["classifier.1.bias"])
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
-    torch.save({"model": _Payload(marker)}, path)
+    torch.save({"model": RunsCode(marker)}, path)
     assert not marker.exists()
     with pytest.raises(WeightsError, match="refused"):
         read_weights(path)

@@ -28,7 +28,7 @@ import count_flops
 import evaluate as ev
 import read_ImageNetData as data
 import train
-from conftest import fake_synsets, write_jpeg, write_meta_mat
+from conftest import RunsCode, fake_synsets, write_jpeg, write_meta_mat
 from MobileNetV2 import MobileNetV2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,16 +105,6 @@ def damaged_copy(source, target, damage):
     payload = source.read_bytes()
     target.write_bytes({"truncated": payload[:len(payload) // 2], "empty": b"", "bitflip": payload}[damage])
     return flip_a_weight_bit(target) if damage == "bitflip" else target
-
-
-class RunsCode:
-    """A pickle that creates `marker` when loaded by an unsafe (plain pickle) loader."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 # ----------------------------------------------------------------------------------------------------
