@@ -869,6 +869,12 @@ def run(args):
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
     if not (args.images or args.data_dir or args.export_onnx or args.export_torchscript):
         raise UsageError("nothing to do: give --data-dir, image files, --export-onnx or --export-torchscript")
+    if args.backend == "onnxruntime" and device.type != "cpu":
+        raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
+    if device.type == "cuda" and not args.amp:
+        # Scores in float32 as on the CPU: cuDNN's TF32 default would round every convolution's inputs
+        # to 10-bit mantissas, enough to move logits by ~1e-3 and flip near-tie predictions.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rank, world, device, owned_group = _init_distributed(device)
     log = _log(rank)
     try:

@@ -1,15 +1,19 @@
-"""Training-step speed: this repo's CPU step against torchvision's mobilenet_v2 in a plain eager NCHW fp32
+"""Training-step speed: this repo's step against torchvision's mobilenet_v2 in a plain eager NCHW fp32
 loop, measured side by side in one run (rounds alternate, so a busy machine slows both alike).
 
     python bench/bench_train.py --batch-size 32 --input-size 224
 
-"repo" is `train.train_one_epoch` itself (channels_last, the per-step checks and statistics included) on
-this repo's MobileNetV2; "torchvision" is `torchvision.models.mobilenet_v2()` with the textbook loop
-(forward, loss, zero_grad, backward, SGD step) on NCHW float32 input. Both use SGD momentum 0.9,
-weight decay 4e-5, the same batches, the same thread count. Prints one line per variant and the ratio.
+"ours" is `train.train_one_epoch` itself (channels_last, the per-step checks and statistics included) on
+this repo's MobileNetV2; "reference" is `torchvision.models.mobilenet_v2()` with the textbook loop
+(forward, loss, zero_grad, backward, SGD step) on NCHW float32 input. Both use SGD momentum 0.9, weight
+decay 4e-5, the same batches and the same thread count.
+
+On the CPU each variant runs in a process of its own, set up as its script sets itself up: ours calls
+`train.keep_freed_memory()` as train.py does, the reference keeps the C library's defaults, as
+torchvision's scripts do. Neither one's process settings can then reach the other.
 """
 import argparse
-import os
+import multiprocessing
 import statistics
 import sys
 import time
@@ -34,26 +38,39 @@ def batches(n, batch_size, input_size, num_classes, seed=0):
 
 
 def torchvision_steps(model, optimizer, data):
-    """The plain loop: NCHW float32, eager. Returns seconds per step."""
+    """The plain loop: NCHW float32, eager."""
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
-    start = time.perf_counter()
     for images, targets, _, _ in data:
         x = normalize(images)
         loss = criterion(model(x), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / len(data)
 
 
-def repo_steps(model, optimizer, data, channels_last):
-    """train.train_one_epoch over the same batches. Returns seconds per step."""
-    schedule = train.LRSchedule(0.045, 1)
-    start = time.perf_counter()
-    train.train_one_epoch(model, data, torch.nn.CrossEntropyLoss(), optimizer, schedule, 0, len(data),
-                          torch.device("cpu"), distributed.Context(), channels_last=channels_last, log=lambda *a: None)
-    return (time.perf_counter() - start) / len(data)
+def build_loop(kind, device, batch_size, input_size, steps, num_classes, amp_dtype=None):
+    """A function that runs `steps` training steps of `kind` ("reference", "ours" or "ours compiled")."""
+    import torchvision
+
+    torch.manual_seed(0)
+    # A few distinct batches, cycled: as many as `steps` would cost memory and time to make, not realism.
+    distinct = [(i.to(device), t.to(device), k, f)
+                for i, t, k, f in batches(min(steps, 4), batch_size, input_size, num_classes)]
+    data = [distinct[k % len(distinct)] for k in range(steps)]
+    if kind == "reference":
+        tv = torchvision.models.mobilenet_v2(num_classes=num_classes).to(device)
+        optimizer = torch.optim.SGD(tv.parameters(), lr=0.045, momentum=0.9, weight_decay=4e-5)
+        return lambda: torchvision_steps(tv, optimizer, data)
+    model = MobileNetV2(num_classes=num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.045, momentum=0.9, foreach=True)
+    if kind == "ours compiled":
+        model = torch.compile(model)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return lambda: train.train_one_epoch(model, data, torch.nn.CrossEntropyLoss(), optimizer,
+                                         train.LRSchedule(0.045, 1), 0, len(data), device,
+                                         distributed.Context(device=device), scaler=scaler, amp_dtype=amp_dtype,
+                                         channels_last=True, log=lambda *a: None)
 
 
 def _seconds(fn, device):
@@ -67,6 +84,54 @@ def _seconds(fn, device):
     return time.perf_counter() - start
 
 
+def _cpu_worker(conn, kind, settings, threads):
+    """One CPU variant in its own process: answers each "run" with the seconds of one round."""
+    try:
+        torch.set_num_threads(threads)
+        if kind != "reference":
+            train.keep_freed_memory()  # as train.py sets up a CPU run
+        loop = build_loop(kind, torch.device("cpu"), **settings)
+        conn.send(_seconds(loop, torch.device("cpu")))  # the first round: warm-up (and compilation)
+        while conn.recv() == "run":
+            conn.send(_seconds(loop, torch.device("cpu")))
+    except Exception as e:  # reported by the parent, which names the variant
+        conn.send(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+
+
+class _CpuVariant:
+    """The parent's handle on a `_cpu_worker`: call it to time one round."""
+
+    def __init__(self, kind, settings, threads):
+        context = multiprocessing.get_context("spawn")
+        self.kind = kind
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_cpu_worker, args=(child, kind, settings, threads), daemon=True)
+        self.process.start()
+        child.close()
+
+    def result(self):
+        try:
+            answer = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the {self.kind} process ended (exit code {self.process.exitcode})") from None
+        if isinstance(answer, str):
+            raise RuntimeError(f"{self.kind}: {answer}")
+        return answer
+
+    def __call__(self):
+        self.conn.send("run")
+        return self.result()
+
+    def close(self):
+        try:
+            self.conn.send("stop")
+        except OSError:
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 def run(batch_size=32, input_size=224, steps=3, rounds=5, num_classes=1000, device="cpu", amp=None,
         compile=False, log=print):
     """Training images/s of the repo's step vs torchvision's plain eager NCHW fp32 step, median of
@@ -76,8 +141,6 @@ def run(batch_size=32, input_size=224, steps=3, rounds=5, num_classes=1000, devi
     step runs as train.py runs it there: channels_last, AMP (bf16 where supported, amp=None: on for CUDA,
     off on the CPU), cudnn.benchmark; compile=True adds a torch.compile row.
     """
-    import torchvision
-
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
     amp_dtype = None
@@ -85,44 +148,37 @@ def run(batch_size=32, input_size=224, steps=3, rounds=5, num_classes=1000, devi
         amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size, as train.py sets it
-    torch.manual_seed(0)
-    # A few distinct batches, cycled: as many as `steps` would cost memory and time to make, not realism.
-    distinct = [(i.to(device), t.to(device), k, f)
-                for i, t, k, f in batches(min(steps, 4), batch_size, input_size, num_classes)]
-    data = [distinct[k % len(distinct)] for k in range(steps)]
-
-    def repo_loop(model, optimizer):
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        return lambda: train.train_one_epoch(model, data, torch.nn.CrossEntropyLoss(), optimizer,
-                                             train.LRSchedule(0.045, 1), 0, len(data), device,
-                                             distributed.Context(device=device),
-                                             scaler=scaler, amp_dtype=amp_dtype, channels_last=True,
-                                             log=lambda *a: None)
-
-    tv = torchvision.models.mobilenet_v2(num_classes=num_classes).to(device)
-    tv_opt = torch.optim.SGD(tv.parameters(), lr=0.045, momentum=0.9, weight_decay=4e-5)
-    loops = {"reference": lambda: torchvision_steps(tv, tv_opt, data)}
-    ours = MobileNetV2(num_classes=num_classes).to(device, memory_format=torch.channels_last)
-    loops["ours"] = repo_loop(ours, torch.optim.SGD(train.parameter_groups(ours, 4e-5), lr=0.045, momentum=0.9,
-                                                    foreach=True))
-    compile_seconds = None
-    if compile:
-        raw = MobileNetV2(num_classes=num_classes).to(device, memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(train.parameter_groups(raw, 4e-5), lr=0.045, momentum=0.9, foreach=True)
-        compiled = repo_loop(torch.compile(raw), optimizer)
-        try:  # the first steps compile (minutes); a failure leaves the eager rows standing
-            compile_seconds = _seconds(compiled, device)
-            loops["ours compiled"] = compiled
-        except Exception as e:
-            log(f"torch.compile not used ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
-    for name, loop in loops.items():
-        if name != "ours compiled":  # warm-up: allocator, oneDNN primitives / cuDNN autotuning
-            _seconds(loop, device)
-    times = {name: [] for name in loops}
-    for _ in range(rounds):  # alternate, so load from other processes slows every variant alike
-        for name, loop in loops.items():
-            times[name].append(_seconds(loop, device))
-    speed = {name: steps * batch_size / statistics.median(t) for name, t in times.items()}
+    settings = dict(batch_size=batch_size, input_size=input_size, steps=steps, num_classes=num_classes,
+                    amp_dtype=amp_dtype)
+    kinds = ["reference", "ours"] + (["ours compiled"] if compile else [])
+    first, loops = {}, {}
+    if device.type == "cpu":
+        loops = {kind: _CpuVariant(kind, settings, torch.get_num_threads()) for kind in kinds}
+    try:
+        for kind in kinds:  # warm-up: allocator, oneDNN primitives / cuDNN autotuning, compilation
+            try:
+                if device.type == "cpu":
+                    first[kind] = loops[kind].result()
+                else:
+                    loops[kind] = build_loop(kind, device, **settings)
+                    loops[kind] = (lambda loop: lambda: _seconds(loop, device))(loops[kind])
+                    first[kind] = loops[kind]()
+            except Exception as e:
+                if kind != "ours compiled":
+                    raise
+                log(f"torch.compile not used ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+                if device.type == "cpu":
+                    loops[kind].close()
+                del loops[kind]
+        times = {kind: [] for kind in loops}
+        for _ in range(rounds):  # alternate, so load from other processes slows every variant alike
+            for kind, loop in loops.items():
+                times[kind].append(loop())
+    finally:
+        if device.type == "cpu":
+            for loop in loops.values():
+                loop.close()
+    speed = {kind: steps * batch_size / statistics.median(t) for kind, t in times.items()}
     where = device.type + (f", {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype else "")
     rows = {f"training step ({where})": {"ratio": speed["ours"] / speed["reference"], "ours": speed["ours"],
                                          "reference": speed["reference"], "unit": "images/s"}}
@@ -130,7 +186,7 @@ def run(batch_size=32, input_size=224, steps=3, rounds=5, num_classes=1000, devi
         rows[f"training step ({where}, torch.compile)"] = {
             "ratio": speed["ours compiled"] / speed["reference"], "ours": speed["ours compiled"],
             "reference": speed["reference"], "unit": "images/s"}
-        log(f"torch.compile: first {steps} steps took {compile_seconds:.0f} s")
+        log(f"torch.compile: first {steps} steps took {first['ours compiled']:.0f} s")
     return rows
 
 
@@ -141,57 +197,24 @@ def get_args_parser():
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and variant")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds; the fastest is reported")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compile", action="store_true", help="also time the step with torch.compile (minutes to compile)")
     return p
 
 
 def main(args):
-    import torchvision
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    data = batches(args.steps, args.batch_size, args.input_size, args.num_classes)
-    variants = {}
-    tv = torchvision.models.mobilenet_v2(num_classes=args.num_classes)
-    variants["torchvision eager NCHW fp32"] = (
-        tv, torch.optim.SGD(tv.parameters(), lr=0.045, momentum=0.9, weight_decay=4e-5),
-        lambda m, o: torchvision_steps(m, o, data))
-    ours = MobileNetV2(num_classes=args.num_classes).to(memory_format=torch.channels_last)
-    variants["repo train step (channels_last)"] = (
-        ours, torch.optim.SGD(train.parameter_groups(ours, 4e-5), lr=0.045, momentum=0.9, foreach=True),
-        lambda m, o: repo_steps(m, o, data, channels_last=True))
-
-    if args.compile:
-        compiled = MobileNetV2(num_classes=args.num_classes).to(memory_format=torch.channels_last)
-        variants["repo train step (+ torch.compile)"] = (
-            torch.compile(compiled),
-            torch.optim.SGD(train.parameter_groups(compiled, 4e-5), lr=0.045, momentum=0.9, foreach=True),
-            lambda m, o: repo_steps(m, o, data, channels_last=True))
-
-    for model, optimizer, step in variants.values():  # warm-up: allocator, oneDNN primitives, compilation
-        step(model, optimizer)
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, (model, optimizer, step) in variants.items():
-            times[name].append(step(model, optimizer))
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs | "
-          f"batch {args.batch_size} x {args.input_size} px, {args.steps} steps x {args.rounds} rounds")
-    # The fastest round is the least disturbed by other work on the machine (as timeit advises);
-    # the median is printed beside it.
-    best = {name: min(t) for name, t in times.items()}
-    for name, seconds in best.items():
-        print(f"{name:34s} {seconds * 1000:8.1f} ms/step  {args.batch_size / seconds:7.1f} img/s  "
-              f"(median {statistics.median(times[name]) * 1000:.1f} ms)")
-    names = list(times)
-    base, base_median = best[names[0]], statistics.median(times[names[0]])
-    for name in names[1:]:
-        print(f"speed-up of the {name} over torchvision eager NCHW: {base / best[name]:.2f}x "
-              f"(medians: {base_median / statistics.median(times[name]):.2f}x)")
-    return base / best[names[1]]
+    rows = run(args.batch_size, args.input_size, args.steps, args.rounds, args.num_classes, args.device,
+               compile=args.compile)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | batch {args.batch_size} x "
+          f"{args.input_size} px, {args.steps} steps x {args.rounds} rounds, medians")
+    for name, r in rows.items():
+        print(f"{name}: ours {r['ours']:.1f} img/s, torchvision eager NCHW fp32 {r['reference']:.1f} img/s, "
+              f"{r['ratio']:.2f}x")
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@
 #
 # Environment (all optional): OUT=DIR results folder (default bench/results/gpu_<date>_<time>);
 # IMAGES=DIR real JPEGs for the pipeline rows (default: generated); SKIP_INSTALL=1 keeps the installed
-# packages; COMPILE=0 skips the torch.compile training row; QUICK=1 runs the suite with --quick;
+# packages (without network the install fails, and the check goes on if what the scripts import is
+# there); PYTHON=interpreter (default: python, else python3); COMPILE=0 skips the torch.compile
+# training row; QUICK=1 runs the suite with --quick;
 # DEVICE=cpu runs the same steps on the CPU (a dry run of this script where there is no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 RESULTS=${OUT:-bench/results/gpu_$(date +%Y%m%d_%H%M%S)}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
@@ -44,10 +47,14 @@ if [[ $DEVICE == cuda ]]; then
 fi
 
 if [[ ${SKIP_INSTALL:-0} != 1 ]]; then
-    step "install requirements" 150 python -m pip install -q -r requirements.txt
+    # Offline, pip fails after its retries: that is fine when every package the scripts import is there.
+    if ! step "install requirements" 150 "$PYTHON" -m pip install -q --retries 1 --timeout 10 -r requirements.txt; then
+        step "packages the scripts import are installed" 60 "$PYTHON" -c \
+            "import torch, torchvision, numpy, scipy, PIL, tqdm, matplotlib, onnx, onnxruntime, sklearn, simplejpeg"
+    fi
 fi
 
-step "torch sees the device" 60 python - "$DEVICE" <<'EOF'
+step "torch sees the device" 60 "$PYTHON" - "$DEVICE" <<'EOF'
 import sys
 import torch
 device = sys.argv[1]
@@ -59,15 +66,15 @@ EOF
 
 # One demo epoch (45 steps of 32 images, then validation and a checkpoint), AMP + channels_last as on a real run.
 step "train.py, one demo epoch, --amp --channels-last" 150 \
-    python train.py --demo --device "$DEVICE" --amp --channels-last --num-epochs 1 --num-workers 4 \
+    "$PYTHON" train.py --demo --device "$DEVICE" --amp --channels-last --num-epochs 1 --num-workers 4 \
         --data-dir "$WORK/data" --save-path "$WORK/train"
 test -s "$WORK/train/last.pth"
 
 step "evaluate.py on the checkpoint" 90 \
-    python evaluate.py --weights "$WORK/train/last.pth" --data-dir "$WORK/data" --device "$DEVICE" \
+    "$PYTHON" evaluate.py --weights "$WORK/train/last.pth" --data-dir "$WORK/data" --device "$DEVICE" \
         --num-workers 4 --no-progress --json "$RESULTS/evaluate_demo.json"
 
-step "model on the GPU equals the model on the CPU" 90 python - "$DEVICE" "$WORK/train/last.pth" <<'EOF'
+step "model on the GPU equals the model on the CPU" 90 "$PYTHON" - "$DEVICE" "$WORK/train/last.pth" <<'EOF'
 import sys
 import torch
 sys.path.insert(0, ".")
@@ -99,8 +106,8 @@ suite_flags=()
 if [[ -n ${IMAGES:-} ]]; then suite_flags+=(--images "$IMAGES"); fi
 if [[ ${QUICK:-0} == 1 ]]; then suite_flags+=(--quick); fi
 suite_status=0
-step "bench/run_all.py --device $DEVICE" 180 \
-    python bench/run_all.py --device "$DEVICE" ${suite_flags[@]+"${suite_flags[@]}"} --json "$RESULTS/gpu_suite.json" \
+step "bench/run_all.py --device $DEVICE" 240 \
+    "$PYTHON" bench/run_all.py --device "$DEVICE" ${suite_flags[@]+"${suite_flags[@]}"} --json "$RESULTS/gpu_suite.json" \
     | tee "$RESULTS/gpu_suite.txt" || suite_status=$?
 
 compile_status=skipped
@@ -108,14 +115,14 @@ left=$((BUDGET - SECONDS))
 if [[ ${COMPILE:-1} == 1 && $DEVICE == cuda && $left -ge 60 ]]; then
     compile_status=0
     step "training step with torch.compile" "$left" \
-        python bench/run_all.py --device cuda --only train --compile --json "$RESULTS/gpu_compile.json" \
+        "$PYTHON" bench/run_all.py --device cuda --only train --compile --json "$RESULTS/gpu_compile.json" \
         | tee "$RESULTS/gpu_compile.txt" || compile_status=$?
 elif [[ ${COMPILE:-1} == 1 && $DEVICE == cuda ]]; then
     echo "== torch.compile row skipped: only ${left} s of the five-minute budget left"
 fi
 
 # The headline figure: synthetic-data training images/s with AMP + channels_last (goal on one H200: 10,000).
-python - "$RESULTS" <<'EOF' | tee "$RESULTS/summary.txt"
+"$PYTHON" - "$RESULTS" <<'EOF' | tee "$RESULTS/summary.txt"
 import json, sys
 from pathlib import Path
 results = Path(sys.argv[1])

@@ -29,8 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*argv):
-    """evaluate.main on a parsed command line, as the shell would run it (single process, no workers)."""
-    return ev.main(ev.get_args_parser().parse_args([str(a) for a in argv] + ["--no-progress"]))
+    """evaluate.main on a parsed command line, as the shell would run it (single process, no workers).
+    On the CPU unless argv names a device: these tests check CPU scoring, also on a machine with a GPU."""
+    argv = [str(a) for a in argv]
+    return ev.main(ev.get_args_parser().parse_args(argv + ["--no-progress"]
+                                                   + ([] if "--device" in argv else ["--device", "cpu"])))
 
 
 def error_of(capsys, *argv):
@@ -278,6 +281,23 @@ def test_without_onnxruntime_scoring_falls_back_to_pytorch_with_a_note(trained, 
     assert "onnxruntime not used" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run("--weights", trained["path"], "--data-dir", demo, "--backend", "onnxruntime", *PRE)
+
+
+def test_on_cuda_onnxruntime_is_refused_and_fp32_scoring_turns_tf32_off(demo, tmp_path, monkeypatch, capsys):
+    # Both checks come before anything touches a GPU, so a pretended one is enough to exercise them.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code, err = error_of(capsys, "--device", "cuda", "--backend", "onnxruntime", "--weights", tmp_path / "w.pth",
+                         "--data-dir", demo)
+    assert code == 2 and len(err) == 1
+    assert "--backend onnxruntime scores on the CPU" in err[0] and "--device cpu" in err[0]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    code, err = error_of(capsys, "--device", "cuda", "--weights", tmp_path / "missing.pth", "--data-dir", demo)
+    assert code == 2 and "missing.pth" in err[0]  # stopped at the weights, after the precision was set
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    error_of(capsys, "--device", "cuda", "--amp", "--weights", tmp_path / "missing.pth", "--data-dir", demo)
+    assert torch.backends.cudnn.allow_tf32  # --amp asks for speed: left as it was
 
 
 def test_amp_on_cpu_counts_every_image(trained, demo):

@@ -129,7 +129,7 @@ def test_bit_flipped_checkpoint_stops_evaluate_with_one_line(trained, demo, tmp_
 @pytest.mark.parametrize("script", ["evaluate.py", "count_flops.py", "train.py"])
 def test_bit_flipped_checkpoint_is_one_line_on_each_real_command_line(script, trained, demo, tmp_path):
     bad = damaged_copy(trained / "last.pth", tmp_path / "flipped.pth", "bitflip")
-    argv = {"evaluate.py": ["--weights", bad, "--data-dir", demo, "--num-workers", "0"],
+    argv = {"evaluate.py": ["--weights", bad, "--data-dir", demo, "--num-workers", "0", "--device", "cpu"],
             "count_flops.py": ["--weights", bad],
             "train.py": ["--data-dir", demo, "--save-path", tmp_path / "out", "--resume", bad, *TRAIN_FLAGS]}[script]
     proc = subprocess.run([sys.executable, script, *map(str, argv)], cwd=REPO, capture_output=True, text=True,

@@ -38,7 +38,8 @@ def data(tmp_path_factory):
 def parse(data, out, *extra):
     return train.get_args_parser().parse_args(
         ["--data-dir", str(data), "--save-path", str(out), "--batch-size", str(BATCH), "--num-epochs", "1",
-         "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--print-freq", "100", *extra])
+         "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--print-freq", "100",
+         "--device", "cpu", *extra])
 
 
 def run_main(args, on_step=None):
@@ -122,6 +123,38 @@ def test_short_run_writes_every_artefact(two_epochs):
     assert model.config["width_mult"] == 0.25
     lr = [m["lr"] for m in ckpt["metrics"]]
     assert lr == pytest.approx([0.045, 0.045 * 0.98])
+
+
+FAULTS_AFTER_FREE = """
+import resource, sys, torch, train
+if sys.argv[1] == "keep":
+    assert train.keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(12):  # the heap settles after a few rounds, as a training run's does after a few steps
+    torch.ones(16 * 2**20)  # 64 MB, as large as a batch's activation tensor, allocated and freed
+before = faults()
+for _ in range(5):
+    torch.ones(16 * 2**20)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_freed_memory_is_reused_without_faulting_it_in_again():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], cwd=REPO, check=True,
+                                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                                       text=True, timeout=120).stdout)
+              for mode in ("default", "keep")}
+    # 5 x 64 MB is 81,920 pages of 4 KB: by default each allocation is mapped afresh and faulted in again.
+    assert faults["keep"] < max(200, faults["default"] / 20), faults
+
+
+def test_a_cpu_run_keeps_freed_memory(data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert run_main(parse(data, tmp_path)) == 0
+    assert calls == [1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,7 +323,7 @@ def test_sigkill_while_writing_keeps_previous_checkpoint(data, tmp_path):
         os.fsync = fsync
         args = train.get_args_parser().parse_args({[
             "--data-dir", str(data), "--save-path", str(out), "--batch-size", str(BATCH), "--num-epochs", "2",
-            "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0"]!r})
+            "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu"]!r})
         train.main(args)
     """))
     proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
