@@ -17,8 +17,9 @@ On CUDA the training and evaluation rows use the GPU paths (AMP, channels_last, 
 and more rows say whether the input pipeline keeps the GPU fed: training images/s with synthetic data on
 the GPU vs with the real loader at several --workers counts, and JPEG decoding on the GPU (nvjpeg).
 
-The pairs in each row run in turn in this one process, several times (medians reported), so other load
-on the machine slows both sides alike: the ratios are what to compare across machines.
+The pairs in each row run in turn in this one run, several times (medians reported), so other load on
+the machine slows both sides alike: the ratios are what to compare across machines. The CPU training
+step runs its two sides in two processes, so that each keeps its own allocator settings.
 """
 import argparse
 import json
