@@ -872,8 +872,8 @@ def run(args):
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
     if device.type == "cuda" and not args.amp:
-        # Scores in float32 as on the CPU: cuDNN's TF32 default would round every convolution's inputs
-        # to 10-bit mantissas, enough to move logits by ~1e-3 and flip near-tie predictions.
+        # Scores in float32 as on the CPU: cuDNN's TF32 default rounds every convolution's inputs to
+        # 10-bit mantissas (relative errors near 1e-3), enough to flip a near-tie prediction.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rank, world, device, owned_group = _init_distributed(device)
     log = _log(rank)
