@@ -13,6 +13,7 @@ On the CPU each variant runs in a process of its own, set up as its script sets 
 torchvision's scripts do. Neither one's process settings can then reach the other.
 """
 import argparse
+import functools
 import multiprocessing
 import statistics
 import sys
@@ -160,8 +161,7 @@ def run(batch_size=32, input_size=224, steps=3, rounds=5, num_classes=1000, devi
                 if device.type == "cpu":
                     first[kind] = loops[kind].result()
                 else:
-                    loops[kind] = build_loop(kind, device, **settings)
-                    loops[kind] = (lambda loop: lambda: _seconds(loop, device))(loops[kind])
+                    loops[kind] = functools.partial(_seconds, build_loop(kind, device, **settings), device)
                     first[kind] = loops[kind]()
             except Exception as e:
                 if kind != "ours compiled":
