@@ -44,6 +44,53 @@ def make_divisible(value, divisor=8):
     return rounded
 
 
+class _ClampInPlace(torch.autograd.Function):
+    """min(max(x, 0), 6) written over x; the backward pass reads the kept result."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x.clamp_(0, 6)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (result,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, result, 0.0, 6.0)
+
+
+class ReLU6(nn.ReLU6):
+    """``nn.ReLU6(inplace=True)`` that is truly in place while training.
+
+    Under autograd, PyTorch's in-place ``hardtanh_`` copies its input, clamps into a new tensor and copies
+    the result back: three passes over a layer's activations where one does. Same numbers, same gradient;
+    tracing, compiling and inference take the plain path.
+    """
+
+    def __init__(self):
+        super().__init__(inplace=True)
+
+    def forward(self, x):
+        if (x.grad_fn is not None and torch.is_grad_enabled()
+                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+            return _ClampInPlace.apply(x)
+        return super().forward(x)
+
+
+def global_average_pool(x):
+    """Mean over height and width: (N, C, H, W) -> (N, C).
+
+    For a channels_last x the mean runs over the (N, H*W, C) view of its memory, so the gradient flowing
+    back is channels_last too (average pooling hands back a (N, C, H, W)-ordered one, which puts the last
+    BatchNorm's backward on a slow mixed-layout path). Bit-identical to adaptive_avg_pool2d(x, 1).
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).flatten(1, 2).mean(1)
+    return nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
 class ConvBNReLU6(nn.Sequential):
     """Convolution, batch norm, ReLU6: the non-linear unit of the paper (ReLU6 for low-precision robustness)."""
 
@@ -52,7 +99,7 @@ class ConvBNReLU6(nn.Sequential):
             nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
                       groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU6(inplace=True),
+            ReLU6(),
         )
 
 
@@ -125,7 +172,7 @@ class MobileNetV2(nn.Module):
     def forward(self, x):
         x = self.features(x)
         # Adaptive pooling lets any input of 32 px or more through (the paper's 96..224 px trade-off).
-        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = global_average_pool(x)
         return self.classifier(x)
 
 

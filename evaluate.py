@@ -357,7 +357,7 @@ def pack_for_cpu(model, input_size=224, batch_size=32):
                     continue
                 # the next layer that computes something (a folded BatchNorm left an Identity)
                 after = [n for n in names[i + 1:] if type(module._modules[n]) is not nn.Identity]
-                relu6 = bool(after) and type(module._modules[after[0]]) is nn.ReLU6
+                relu6 = bool(after) and isinstance(module._modules[after[0]], nn.ReLU6)
                 act_name = after[0] if relu6 else None
                 replaced.append((module, name, conv, act_name, module._modules[act_name] if relu6 else None))
                 module._modules[name] = PackedConv2d(conv, relu6, (batch_size,) + shapes[conv][1:])

@@ -7,8 +7,8 @@ import torchvision
 from torch import nn
 
 from conftest import RunsCode
-from MobileNetV2 import (STAGES, MobileNetV2, WeightsError, checkpoint_digest, load_model, read_weights,
-                         to_torchvision_keys)
+from MobileNetV2 import (STAGES, MobileNetV2, ReLU6, WeightsError, checkpoint_digest, global_average_pool,
+                         load_model, read_weights, to_torchvision_keys)
 
 TORCHVISION_PARAMS = {0.35: 1_677_128, 0.5: 1_968_680, 0.75: 2_636_424, 1.0: 3_504_872, 1.4: 6_108_776}
 
@@ -80,6 +80,43 @@ def test_linear_bottleneck_has_no_activation_after_projection_or_add():
 def test_dropout_is_off_by_default_and_one_flag_away():
     assert MobileNetV2().classifier[0].p == 0.0
     assert MobileNetV2(dropout=0.2).classifier[0].p == 0.2
+
+
+def _bn_relu6_pass(relu6, x):
+    """Output, input gradient and the aten ops run by BatchNorm + `relu6`, forward and backward."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(x.shape[1])
+    nn.init.constant_(bn.weight, 4.0)  # outputs beyond 6 too
+    x = x.clone().requires_grad_()
+    weights = torch.randn(x.shape)
+    with torch.profiler.profile() as prof:
+        y = relu6(bn(x))
+        grad, = torch.autograd.grad((y * weights).sum(), x)
+    return y.detach(), grad, {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_relu6_while_training_equals_torchs_in_one_pass(memory_format):
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=memory_format)
+    want_y, want_grad, torch_ops = _bn_relu6_pass(nn.ReLU6(inplace=True), x)
+    y, grad, ops = _bn_relu6_pass(ReLU6(), x)
+    assert torch.equal(y, want_y) and torch.equal(grad, want_grad)
+    assert 0 < (want_y == 6).sum() and 0 < (want_y == 0).sum()  # both clips exercised
+    # torch's in-place hardtanh_ copies the activations out and back under autograd; ours does not
+    assert {"aten::clone", "aten::copy_"} <= torch_ops
+    assert not {"aten::clone", "aten::copy_"} & ops
+    with torch.no_grad():  # inference: torch's own in-place op
+        z = torch.linspace(-3, 9, 50)
+        assert ReLU6()(z) is z and torch.equal(z, torch.linspace(-3, 9, 50).clamp(0, 6))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_global_pooling_equals_adaptive_pooling_and_keeps_the_gradient_layout(memory_format):
+    x = torch.randn(3, 40, 7, 5).contiguous(memory_format=memory_format).requires_grad_()
+    pooled = global_average_pool(x)
+    assert torch.equal(pooled, nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+    grad, = torch.autograd.grad((pooled * torch.randn(3, 40)).sum(), x)
+    assert grad.is_contiguous(memory_format=memory_format)
 
 
 # ---- public weight layouts, each written independently of the loader's own mapping ---------------
