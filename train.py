@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distributed
+import fused_batchnorm
 from evaluate import evaluate, non_negative_int, positive_float, positive_int
 from MobileNetV2 import MobileNetV2, WeightsError, checkpoint_digest, load_model, read_weights
 from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, DataError, EvalSampler, TrainSampler, TrainTransform,
@@ -189,6 +190,10 @@ def get_args_parser(add_help=True):
     dev.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="NHWC memory format: same results, faster convolutions on CPU and tensor cores")
     dev.add_argument("--compile", action="store_true", help="torch.compile the model")
+    dev.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=True,
+                     help="CPU training with channels_last: BatchNorm (+ ReLU6) as one compiled kernel each way, "
+                          "about 20%% faster, equal to float32 rounding (built once with the C++ compiler PyTorch "
+                          "extensions use; without one, PyTorch's layers run)")
     dev.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
     dev.add_argument("--dist-timeout", type=positive_float, default=30.0,
                      help="minutes a rank waits for a silent peer before failing")
@@ -279,6 +284,20 @@ def keep_freed_memory():
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def use_fused_batchnorm(model, log):
+    """Train `model`'s BatchNorm (+ ReLU6) layers with the fused CPU kernel; say so, or why not."""
+    start = time.perf_counter()
+    try:
+        swapped = fused_batchnorm.use_for_cpu_training(model)
+    except RuntimeError as e:
+        log(f"note: {e}; PyTorch's BatchNorm and ReLU6 run instead (--no-fused-bn hides this note)")
+        return 0
+    seconds = time.perf_counter() - start
+    log(f"fused CPU BatchNorm kernel for {swapped} layers"
+        + (f" (built in {seconds:.0f} s, cached for later runs)" if seconds > 5 else ""))
+    return swapped
 
 
 def capture_rng():
@@ -908,6 +927,8 @@ def train(args, context, stop, on_step=None):
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if device.type == "cpu" and args.channels_last and args.fused_bn:
+        use_fused_batchnorm(model, log)
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
     if ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:
         load_state_checked(ema.module, ckpt["model_ema"], resume_path)

@@ -4,7 +4,7 @@ loop, measured side by side in one run (rounds alternate, so a busy machine slow
     python bench/bench_train.py --batch-size 32 --input-size 224
 
 "ours" is `train.train_one_epoch` itself (channels_last, the per-step checks and statistics included) on
-this repo's MobileNetV2; "reference" is `torchvision.models.mobilenet_v2()` with the textbook loop
+this repo's MobileNetV2 (on the CPU with the fused BatchNorm kernel, as train.py runs it); "reference" is `torchvision.models.mobilenet_v2()` with the textbook loop
 (forward, loss, zero_grad, backward, SGD step) on NCHW float32 input. Both use SGD momentum 0.9, weight
 decay 4e-5, the same batches and the same thread count.
 
@@ -64,6 +64,8 @@ def build_loop(kind, device, batch_size, input_size, steps, num_classes, amp_dty
         optimizer = torch.optim.SGD(tv.parameters(), lr=0.045, momentum=0.9, weight_decay=4e-5)
         return lambda: torchvision_steps(tv, optimizer, data)
     model = MobileNetV2(num_classes=num_classes).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu":  # as train.py sets up a CPU run
+        train.use_fused_batchnorm(model, log=lambda *a: None)
     optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.045, momentum=0.9, foreach=True)
     if kind == "ours compiled":
         model = torch.compile(model)
