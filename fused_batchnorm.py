@@ -2,12 +2,13 @@
 
     count = fused_batchnorm.use_for_cpu_training(model)   # train.py does this for a CPU run
 
-A training step on the CPU is bound by memory traffic, and most of it is BatchNorm and ReLU6: in eager
-PyTorch the forward reads the activations three times and writes them twice (statistics, normalise,
-clamp), the backward reads them six times and writes twice (ReLU6's mask, then BatchNorm's sums and
-its gradient). The kernel in fused_batchnorm.cpp does two passes each way (about 20% off a whole step
-at batch 32 x 224 px, bench/bench_train.py). Statistics are summed in double, so results agree with
-nn.BatchNorm2d to float32 rounding (closer to exact arithmetic, not bit for bit).
+A training step on the CPU is bound by memory traffic, and most of it is BatchNorm and ReLU6. Eager
+PyTorch makes separate passes over a layer's activations: forward, statistics, normalise and clamp (at
+least three reads and two writes); backward, ReLU6's mask, then BatchNorm's sums and its gradient (six
+reads, two writes). The kernel in fused_batchnorm.cpp reads twice and writes once going forward, reads
+four times and writes once going back, recomputing the ReLU6 mask from the BatchNorm input: about 20%
+off a whole step at batch 32 x 224 px (bench/bench_train.py). Statistics are summed in double, so
+results agree with nn.BatchNorm2d to float32 rounding (closer to exact arithmetic, not bit for bit).
 
 The kernel is compiled on first use with the C++ compiler PyTorch extensions use (about 30 s, cached
 under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Without one, or for any input it does not

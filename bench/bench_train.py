@@ -4,9 +4,10 @@ loop, measured side by side in one run (rounds alternate, so a busy machine slow
     python bench/bench_train.py --batch-size 32 --input-size 224
 
 "ours" is `train.train_one_epoch` itself (channels_last, the per-step checks and statistics included) on
-this repo's MobileNetV2 (on the CPU with the fused BatchNorm kernel, as train.py runs it); "reference" is `torchvision.models.mobilenet_v2()` with the textbook loop
-(forward, loss, zero_grad, backward, SGD step) on NCHW float32 input. Both use SGD momentum 0.9, weight
-decay 4e-5, the same batches and the same thread count.
+this repo's MobileNetV2, on the CPU with the fused BatchNorm kernel as train.py runs it; "reference" is
+`torchvision.models.mobilenet_v2()` with the textbook loop (forward, loss, zero_grad, backward, SGD step)
+on NCHW float32 input. Both use SGD momentum 0.9, weight decay 4e-5, the same batches and the same
+thread count.
 
 On the CPU each variant runs in a process of its own, set up as its script sets itself up: ours calls
 `train.keep_freed_memory()` as train.py does, the reference keeps the C library's defaults, as

@@ -30,7 +30,8 @@ def _case(shape, seed=0):
 def _exact(x, grad, weight, bias, relu6):
     """Output, gradients, running stats and pre-activation in float64 through torch's own layers."""
     x, weight, bias = (t.double().requires_grad_() for t in (x, weight, bias))
-    running_mean, running_var = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
+    running_mean = torch.zeros(x.shape[1], dtype=torch.float64)
+    running_var = torch.ones(x.shape[1], dtype=torch.float64)
     pre = nn.functional.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
     out = nn.functional.hardtanh(pre, 0.0, 6.0) if relu6 else pre
     grads = torch.autograd.grad(out, (x, weight, bias), grad.double())
