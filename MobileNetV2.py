@@ -73,8 +73,9 @@ class ReLU6(nn.ReLU6):
         super().__init__(inplace=True)
 
     def forward(self, x):
-        if (x.grad_fn is not None and torch.is_grad_enabled()
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+        # is_compiling() first: torch.compile must not look at grad_fn (it would break the graph there)
+        if (not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.is_grad_enabled()
+                and x.grad_fn is not None):
             return _ClampInPlace.apply(x)
         return super().forward(x)
 

@@ -86,10 +86,11 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return fused
 
     def _fused(self, x):
-        return (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+        # compiling and tracing first: they take PyTorch's layers without looking further
+        return (not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and self.training
+                and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > x.shape[1]
-                and self.momentum is not None and self.running_mean is not None and self.weight is not None
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
+                and self.momentum is not None and self.running_mean is not None and self.weight is not None)
 
     def forward(self, x):
         if not self._fused(x):

@@ -137,3 +137,10 @@ def test_without_a_compiler_training_goes_on_with_a_note(tmp_path):
     notes = [line for line in proc.stdout.splitlines() if "fused CPU BatchNorm kernel could not be built" in line]
     assert len(notes) == 1 and "PyTorch's BatchNorm and ReLU6 run instead" in notes[0]
     assert (tmp_path / "out" / "last.pth").exists()
+
+
+def test_torch_compile_sees_the_swapped_model_as_one_graph():
+    model = MobileNetV2(num_classes=10, width_mult=0.35).to(memory_format=torch.channels_last)
+    fused_batchnorm.use_for_cpu_training(model)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert torch._dynamo.explain(model.train())(x).graph_break_count == 0

@@ -334,3 +334,9 @@ def test_torchvision_reference_checkpoint_with_namespace_args_loads(reference, t
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(load_model(path)(x), reference(x))
+
+
+def test_torch_compile_sees_the_training_model_as_one_graph():
+    model = MobileNetV2(num_classes=10, width_mult=0.35).train()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
