@@ -8,7 +8,6 @@ The counters disagree because they count different things:
 - thop: also counts BatchNorm's arithmetic on every activation and the average pooling (ReLU6 and the
   residual adds count as free); older thop releases counted slightly differently (the seed's gave 328.78 M).
 """
-import argparse
 import contextlib
 import copy
 import io
@@ -19,7 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from MobileNetV2 import MobileNetV2, WeightsError, load_model, read_weights
+import cli
+from checkpoint import WeightsError, read_weights
+from MobileNetV2 import MobileNetV2
+from weights import load_model
 
 GRID_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.4)
 GRID_SIZES = (96, 128, 160, 192, 224)
@@ -137,14 +139,8 @@ def format_grid(rows):
     return "\n".join(out)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line and exit code 2, as argparse, without the usage block in front of it.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def get_args_parser():
-    parser = _Parser(description="Count MobileNetV2 parameters and multiply-adds.")
+    parser = cli.Parser(prog="count_flops.py", description="Count MobileNetV2 parameters and multiply-adds.")
     parser.add_argument("--width-mult", type=float, default=None,
                         help="width multiplier (paper: 0.35-1.4; default 1.0, or the file's with --weights)")
     parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels (>= 32)")

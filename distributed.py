@@ -8,8 +8,10 @@ Three ways a training process comes to life, all ending in the same `setup()`:
   * anything else (one GPU, the CPU): one process, no process group at all.
 NCCL carries the collectives on CUDA, gloo on the CPU.
 """
+import contextlib
 import datetime
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from cli import ScriptError, UsageError
 
 # The variables a launcher (torchrun, or `launch` below) sets for each process.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -52,7 +56,7 @@ def resolve_device_type(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+        raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
     return name
 
 
@@ -123,7 +127,7 @@ def setup(device_type, timeout_minutes=30.0):
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+            raise UsageError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -140,16 +144,37 @@ def cleanup():
         dist.destroy_process_group()
 
 
+class PeerLost(ScriptError, RuntimeError):
+    """A collective operation failed: another process of the job died or stopped answering."""
+
+    def __init__(self, error):
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).splitlines() or [""])[0])  # drop a source path
+        super().__init__(f"lost contact with another process of the job ({type(error).__name__}: "
+                         f"{reason[:200]}); its own error, if any, is reported above")
+
+
+@contextlib.contextmanager
+def collective():
+    """Turn the failure of a collective operation (gloo and NCCL raise RuntimeError subclasses) into
+    PeerLost, told by where it happened rather than by the text of the message."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise PeerLost(e) from e
+
+
 def all_reduce_sum(tensor, context):
     """Sum a tensor over all ranks in place (a no-op for one process)."""
     if context.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with collective():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def barrier(context):
     if context.distributed:
-        dist.barrier()
+        with collective():
+            dist.barrier()
 
 
 def broadcast_object(obj, context, src=0):
@@ -157,5 +182,20 @@ def broadcast_object(obj, context, src=0):
     if not context.distributed:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    with collective():
+        dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def init_from_environment(device):
+    """For evaluation: join the process group torchrun describes (WORLD_SIZE > 1).
+    Returns (rank, world size, device, whether this call created the group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device, False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, True

@@ -14,78 +14,37 @@ and `--weights torchvision-v2` fetch torchvision's files into pretrained/ (see p
 Every validation image is counted exactly once, also across processes; a file that does not decode is
 scored as a miss and reported, never dropped.
 """
-import argparse
 import copy
-import csv
-import hashlib
-import json
-import math
 import os
 import sys
-import tempfile
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import fuse_conv_bn_eval
 
-from MobileNetV2 import WeightsError, checkpoint_meta, load_model, read_weights
+import checkpoint
+import cli
+import distributed
+import inference
+import outputs
+from cli import UsageError
 from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataError, EvalSampler,
-                               ImageNetDataset, build_loader, eval_transform, find_layout, list_samples,
+                               ImageNetDataset, build_loader, eval_transform, find_layout, is_image, list_samples,
                                normalize, read_classes)
-
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+from weights import (DOWNLOADABLE, KNOWN_WEIGHTS, PRETRAINED_DIR, WeightsError, fetch_public_weights, known_weights,
+                     load_model, sha256_of, torchvision_categories)
 
 # torchvision's evaluation preprocessing, the default for files that do not say otherwise.
 DEFAULT_PREPROCESSING = {"resize": 256, "input_size": 224, "interpolation": "bilinear",
                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
-# Public weight files, recognised by sha256. Sources, published figures and how each was measured are in
-# pretrained/README.md; tests check the torchvision entries against torchvision's own weights API.
-KNOWN_WEIGHTS = {
-    "torchvision-v1": {
-        "file": "mobilenet_v2-b0353104.pth",
-        "url": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-        "sha256": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        "torchvision": "IMAGENET1K_V1",
-        "published": {"top1": 71.878, "top5": 90.286},
-        "preprocessing": {"resize": 256, "input_size": 224, "interpolation": "bilinear"},
-        "class_order": "sorted",
-    },
-    "torchvision-v2": {
-        "file": "mobilenet_v2-7ebf99e0.pth",
-        "url": "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth",
-        "sha256": "7ebf99e03e254b273379b23edca7ec0da9f48273b23a332b93c1c99d49e86e8f",
-        "torchvision": "IMAGENET1K_V2",
-        "published": {"top1": 72.154, "top5": 90.822},
-        # The V2 recipe was tuned with a 232 px resize before the 224 px crop.
-        "preprocessing": {"resize": 232, "input_size": 224, "interpolation": "bilinear"},
-        "class_order": "sorted",
-    },
-    "tonylins": {
-        "file": "mobilenetv2.pth.tar",
-        "url": "https://drive.google.com/open?id=1jlto6HRVD3ipNkAl1lNhDbkBp7HylaqR",
-        "sha256": "ecbe2b568c8602549fa9e1d5833c63848f490a48d92e5d224d1eb2063e152cf8",
-        "torchvision": None,
-        "published": {"top1": 71.8, "top5": None},
-        "preprocessing": {"resize": 256, "input_size": 224, "interpolation": "bilinear"},
-        "class_order": "sorted",
-    },
-}
-DOWNLOADABLE = ("torchvision-v1", "torchvision-v2")
 
-
-class UsageError(ValueError):
-    """A flag with a value that cannot work (a missing path, a device that is not there): exit code 2."""
-
-
-class EvaluationError(RuntimeError):
-    """Something found while running (an image that does not decode, an export that disagrees): exit 1."""
+class EvaluationError(cli.ScriptError, RuntimeError):
+    """Something found while running (data that does not fit the weights, an image that does not decode): exit 1."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,331 +224,6 @@ def _batch_predictions(logits, targets, indices, failed):
 
 
 # --------------------------------------------------------------------------------------------------
-# Inference speed
-
-
-def fold_batchnorm(model):
-    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution, in place.
-
-    At inference a BatchNorm is a fixed per-channel affine map, so conv+BN is one conv with scaled
-    weights and a bias: one pass over the activations instead of two, identical outputs up to rounding.
-    Works on the Sequential units MobileNetV2 (and torchvision's) are built from. Returns the count.
-    """
-    folded = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        names = list(module._modules)
-        for first, second in zip(names, names[1:]):
-            conv, bn = module._modules[first], module._modules[second]
-            if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not bn.training
-                    and bn.track_running_stats and bn.running_mean is not None):
-                module._modules[first] = fuse_conv_bn_eval(conv, bn)
-                module._modules[second] = nn.Identity()
-                folded += 1
-    return folded
-
-
-def _unwrap(model):
-    """The plain module inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-class PackedConv2d(nn.Module):
-    """A CPU convolution whose weights are reordered once into oneDNN's blocked layout, with the
-    following ReLU6 (if any) applied inside the convolution.
-
-    Eager PyTorch hands oneDNN plain-layout weights on every call, to be reordered each time, and runs
-    ReLU6 as a separate pass over the widest activations of each block (the 6x expansions); both costs
-    go. Inference only: the packed weights are
-    constants. CPU only.
-    """
-
-    def __init__(self, conv, relu6, input_shape):
-        super().__init__()
-        self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        padding, stride, dilation, groups = self.geometry
-        self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
-            conv.weight.detach(), padding, stride, dilation, groups, list(input_shape))
-        self.bias = None if conv.bias is None else conv.bias.detach()
-        self.attr, self.scalars = ("hardtanh", [0.0, 6.0]) if relu6 else ("none", [])
-
-    def forward(self, x):
-        padding, stride, dilation, groups = self.geometry
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed_weight, self.bias, padding, stride,
-                                                       dilation, groups, self.attr, self.scalars, "")
-
-
-def pack_for_cpu(model, input_size=224, batch_size=32):
-    """Replace the convolutions of a BatchNorm-folded, channels_last `model` by `PackedConv2d`, in place.
-
-    Returns the number replaced: 0 (model untouched) where this PyTorch build lacks the oneDNN ops or
-    the packed model does not reproduce the logits within 1e-5 (relative to their largest magnitude).
-    """
-    if not (hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()):
-        return 0
-    shapes = {}
-
-    def record(conv, inputs, output):
-        shapes[conv] = tuple(inputs[0].shape)  # returns None: a hook's return value replaces the output
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if type(m) is nn.Conv2d]
-    example = _parity_input(input_size, 2).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        want = model(example)
-    for h in hooks:
-        h.remove()
-    replaced = []
-    try:
-        for module in model.modules():
-            if not isinstance(module, nn.Sequential):
-                continue
-            names = list(module._modules)
-            for i, name in enumerate(names):
-                conv = module._modules[name]
-                if type(conv) is not nn.Conv2d or conv not in shapes or conv.padding_mode != "zeros":
-                    continue
-                # the next layer that computes something (a folded BatchNorm left an Identity)
-                after = [n for n in names[i + 1:] if type(module._modules[n]) is not nn.Identity]
-                relu6 = bool(after) and isinstance(module._modules[after[0]], nn.ReLU6)
-                act_name = after[0] if relu6 else None
-                replaced.append((module, name, conv, act_name, module._modules[act_name] if relu6 else None))
-                module._modules[name] = PackedConv2d(conv, relu6, (batch_size,) + shapes[conv][1:])
-                if relu6:
-                    module._modules[act_name] = nn.Identity()
-        with torch.inference_mode():
-            diff = (model(example) - want).abs().max().item()
-        # float32 rounding grows with the logits' magnitude; ImageNet logits are tens at most
-        if not diff <= 1e-5 * max(1.0, want.abs().max().item()):
-            raise RuntimeError(f"packed convolutions change the logits by {diff:.2e}")
-    except RuntimeError as e:  # an op missing or behaving differently in this build: stay unpacked
-        for module, name, conv, act_name, act in reversed(replaced):
-            module._modules[name] = conv
-            if act_name is not None:
-                module._modules[act_name] = act
-        warnings.warn(f"oneDNN packed convolutions not used ({e})")
-        return 0
-    return len(replaced)
-
-
-def prepare_for_inference(model, channels_last=True, device="cpu", pack=True, input_size=224, batch_size=32):
-    """A copy of `model` made fast for inference on `device`; the original is untouched.
-
-    BatchNorm folded into the convolutions, parameters frozen, channels_last memory layout (on CPU the
-    depthwise and pointwise convolutions run much faster on NHWC data), and on CPU the convolutions
-    packed for oneDNN with ReLU6 fused in (`pack_for_cpu`, unless pack=False: for autocast or
-    torch.compile, which packs by itself; a packed copy stays on the CPU). Logits stay
-    within 1e-4 of the plain model. Run it under `torch.inference_mode()`, as `evaluate` does.
-    `input_size`/`batch_size` only tune the packed layout; any batch and size still work.
-    """
-    model = copy.deepcopy(_unwrap(model)).cpu().eval()
-    fold_batchnorm(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        if pack and torch.device(device).type == "cpu":
-            pack_for_cpu(model, input_size, batch_size)
-    return model.to(device)
-
-
-class OnnxRuntimeModel(nn.Module):
-    """The model exported to ONNX and run by onnxruntime on the CPU: the fastest CPU path here.
-
-    onnxruntime fuses each convolution with its folded BatchNorm and ReLU6 and runs them in its blocked
-    layout, about twice the speed of the best eager PyTorch path on MobileNetV2 (bench/run_all.py).
-    Takes and returns torch tensors, so `evaluate` runs it like any model.
-    """
-
-    def __init__(self, model, input_size=224, threads=None):
-        super().__init__()
-        import onnxruntime  # ImportError: the caller falls back to PyTorch
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            self.max_abs_diff = export_onnx(model, path, input_size=input_size)
-            if not self.max_abs_diff <= 1e-4:
-                raise EvaluationError(f"onnxruntime's logits differ by {self.max_abs_diff:.1e} from PyTorch's")
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads or torch.get_num_threads()  # the cores PyTorch would use
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def forward(self, images):
-        logits = self.session.run(None, {"images": images.float().contiguous().numpy()})[0]
-        return torch.from_numpy(logits)
-
-
-def inference_model(model, device, backend="auto", input_size=224, batch_size=32, log=print):
-    """The fastest faithful way to run `model` for scoring: (model, wants channels_last input, backend).
-
-    On the CPU, onnxruntime when it is installed and reproduces the logits within 1e-4 ("auto"), else
-    PyTorch with `prepare_for_inference`; on CUDA always PyTorch.
-    """
-    if backend != "torch" and torch.device(device).type == "cpu":
-        try:
-            return OnnxRuntimeModel(model, input_size), False, "onnxruntime"
-        except (ImportError, EvaluationError) as e:
-            if backend == "onnxruntime":
-                raise EvaluationError(f"--backend onnxruntime: {e}") from None
-            log(f"note: scoring in PyTorch, onnxruntime not used ({e})")
-    fast = prepare_for_inference(model, device=device, input_size=input_size, batch_size=batch_size)
-    return fast, True, "torch"
-
-
-def maybe_compile(model, example, log=print):
-    """`model` compiled by torch.compile, or `model` itself when compiling fails here (on CPU inductor
-    needs a C++ toolchain). `example` is a batch to compile with, so failures show up now, not mid-loop.
-
-    Freezing turns the weights into constants, which lets inductor pre-pack them for oneDNN and fuse
-    each ReLU6 into its convolution: the model must not be trained afterwards (use a copy from
-    `prepare_for_inference`). The result is checked against the eager model on `example`.
-    """
-    try:
-        compiled = torch.compile(model, dynamic=False, options={"freezing": True})
-        with torch.inference_mode():
-            got, want = compiled(example), model(example)
-        diff = (got.float() - want.float()).abs().max().item()
-        if not diff <= 1e-4:
-            raise EvaluationError(f"compiled model differs from eager by {diff:.2e}")
-    except Exception as e:  # whatever the compiler raises, the evaluation goes on in eager mode
-        log(f"torch.compile not used ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
-            "running eager")
-        return model
-    return compiled
-
-
-# --------------------------------------------------------------------------------------------------
-# Weight files: named public weights, checksums
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def known_weights(sha256):
-    """(name, entry) of the public file with this sha256, or (None, None)."""
-    for name, entry in KNOWN_WEIGHTS.items():
-        if entry["sha256"] == sha256:
-            return name, entry
-    return None, None
-
-
-def fetch_public_weights(name, directory=PRETRAINED_DIR, log=print):
-    """Path of torchvision's `name` weights in `directory`, downloaded (and checksum-verified) if missing.
-
-    The URL comes from torchvision's weights API; the download goes through torch.hub and is checked
-    against the full sha256, so a corrupt or substituted file is never used. Offline, the error says
-    where to get the file and where to put it.
-    """
-    entry = KNOWN_WEIGHTS[name]
-    directory = Path(directory)
-    path = directory / entry["file"]
-    url = _torchvision_url(entry) or entry["url"]
-    if path.is_file():
-        if sha256_of(path) != entry["sha256"]:
-            raise WeightsError(f"{path}: not the published {name} file (sha256 differs); delete it to "
-                               f"download again from {url}")
-        return path
-    log(f"downloading {name} weights from {url} to {path}")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=entry["sha256"], progress=False)
-    except RuntimeError as e:  # torch.hub's checksum mismatch; it already removed the partial file
-        raise WeightsError(f"{url}: downloaded file failed its sha256 check ({str(e).splitlines()[0]}); "
-                           f"download it by hand and put it at {path}") from None
-    except Exception as e:  # offline: URLError, socket errors, proxies; all end the same way
-        reason = (str(getattr(e, "reason", e)).splitlines() or [""])[0][:120]
-        raise WeightsError(f"cannot download {name} weights from {url} ({type(e).__name__}: {reason}); "
-                           f"download the file by hand and put it at {path}") from None
-    return path
-
-
-def _torchvision_url(entry):
-    if not entry.get("torchvision"):
-        return None
-    try:
-        from torchvision.models import MobileNet_V2_Weights
-        return getattr(MobileNet_V2_Weights, entry["torchvision"]).url
-    except (ImportError, AttributeError):
-        return None
-
-
-def torchvision_categories():
-    """torchvision's 1000 ImageNet class names, in sorted-WNID order; None when torchvision is absent."""
-    try:
-        from torchvision.models import MobileNet_V2_Weights
-        return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
-    except (ImportError, AttributeError, KeyError):
-        return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-
-
-def _parity_input(input_size, batch, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, input_size, input_size, generator=generator)
-
-
-def export_onnx(model, path, input_size=224, opset=17, reference=None, check_batch=3):
-    """Write `model` as ONNX with a dynamic batch axis. Return the max |logit difference| between the
-    file run by onnxruntime and `reference` (default: `model`) in PyTorch, on a batch of another size than
-    the traced one so the dynamic axis is exercised; None when onnxruntime is not installed."""
-    model = copy.deepcopy(_unwrap(model)).cpu().eval()
-    reference = (model if reference is None else reference).cpu().eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = _parity_input(input_size, 2)
-    try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it; say so in one line)
-    except ImportError:
-        raise EvaluationError(f"{path}: ONNX export needs the onnx package: pip install onnx") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = _parity_input(input_size, check_batch, seed=1)
-    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    with torch.no_grad():
-        want = reference(x)
-    return (got - want).abs().max().item()
-
-
-def export_torchscript(model, path, input_size=224, reference=None, check_batch=3):
-    """Write `model` as TorchScript (traced; batch size free). Return the max |logit difference| between
-    the reloaded file and `reference` (default: `model`), on a batch of another size than the traced one."""
-    model = copy.deepcopy(_unwrap(model)).cpu().eval()
-    reference = (model if reference is None else reference).cpu().eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit announces its deprecation; it is what deployments load
-        with torch.no_grad():
-            traced = torch.jit.trace(model, _parity_input(input_size, 2))
-        traced.save(str(path))
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    x = _parity_input(input_size, check_batch, seed=1)
-    with torch.no_grad():
-        return (loaded(x) - reference(x)).abs().max().item()
-
-
-# --------------------------------------------------------------------------------------------------
 # Single images
 
 
@@ -598,7 +232,7 @@ def list_images(paths):
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            inside = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            inside = sorted(f for f in p.iterdir() if f.is_file() and is_image(f.name))
             if not inside:
                 raise UsageError(f"{p}: no image files in this directory")
             files += inside
@@ -638,86 +272,51 @@ def predict_images(model, files, transform, device, mean, std, topk=5, batch_siz
 # Command line
 
 
-def positive_int(text):
-    """argparse types shared with train.py: a bad value becomes a one-line usage error."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _device(text):
-    try:
-        return torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text} (cpu, cuda, cuda:1, ...)") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line and exit code 2, as argparse, without the many-line usage block in front of it.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def get_args_parser(add_help=True):
-    p = _Parser(
-        description="Score MobileNetV2 weights on ImageNet val, predict images, or export the model.",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(prog="evaluate.py", add_help=add_help,
+                   description="Score MobileNetV2 weights on ImageNet val, predict images, or export the model.")
     p.add_argument("images", nargs="*", help="image files or directories to predict (top-k classes each); "
                    "with images, --data-dir only supplies the class names")
     p.add_argument("--weights", required=True,
                    help="weight file or checkpoint of any public layout, or a named public file: "
                         + ", ".join(DOWNLOADABLE) + " (fetched into --pretrained-dir)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a checkpoint")
-    p.add_argument("--num-classes", type=positive_int, default=None,
+    p.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=None,
                    help="classes the weights must have (default: read from the file)")
-    p.add_argument("--width-mult", type=positive_float, default=None,
+    p.add_argument("--width-mult", type=cli.positive_float, default=None,
                    help="width the weights must have (default: read from the file)")
     p.add_argument("--pretrained-dir", type=Path, default=PRETRAINED_DIR,
                    help="where named public weights are stored")
 
     data = p.add_argument_group("data (named as in train.py)")
     data.add_argument("--data-dir", type=Path, default=None, help="ImageNet root (devkit + val images)")
-    data.add_argument("--batch-size", type=positive_int, default=64)
-    data.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+    data.add_argument("--batch-size", "-b", type=cli.positive_int, default=64)
+    data.add_argument("--num-workers", "--workers", "-j", dest="num_workers", type=cli.non_negative_int, default=min(8, os.cpu_count() or 1),
                       help="loader processes per evaluation process (default: min(8, CPU count), as train.py)")
     data.add_argument("--class-order", choices=("sorted", "devkit"), default=None,
                       help="label order of weights that do not record one (default sorted WNIDs, as "
                            "torchvision; the seed repo trained with devkit order). A checkpoint's own "
                            "order wins")
-    data.add_argument("--max-images", type=positive_int, default=None,
+    data.add_argument("--max-images", type=cli.positive_int, default=None,
                       help="score only the first N val images (in file-name order)")
-    data.add_argument("--device", type=_device, default=None, help="default: cuda when available, else cpu")
+    data.add_argument("--device", type=cli.device, default=None, help="default: cuda when available, else cpu")
 
     pre = p.add_argument_group("preprocessing (default: the checkpoint's, else the published one of a "
                                "recognised file, else torchvision's 256 / 224 / bilinear / ImageNet "
                                "statistics)")
-    pre.add_argument("--resize", type=positive_int, default=None, help="shorter side before the centre crop")
-    pre.add_argument("--crop", type=positive_int, default=None, help="centre crop = network input size")
+    pre.add_argument("--resize", type=cli.positive_int, default=None, help="shorter side before the centre crop")
+    pre.add_argument("--input-size", "--crop", dest="input_size", type=cli.positive_int, default=None,
+                     help="centre crop = network input size (as train.py's --input-size)")
     pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
-    pre.add_argument("--std", type=positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
+    pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
 
     out = p.add_argument_group("outputs")
     out.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     out.add_argument("--per-class", type=Path, default=None,
                      help="write per-class top-1 as CSV (index, wnid, name, top1, count)")
     out.add_argument("--predictions", type=Path, default=None, help="write per-image top-5 as CSV")
-    out.add_argument("--topk", type=positive_int, default=5, help="classes shown per single image")
+    out.add_argument("--topk", type=cli.positive_int, default=5, help="classes shown per single image")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     speed = p.add_argument_group("speed")
@@ -732,30 +331,10 @@ def get_args_parser(add_help=True):
     exp = p.add_argument_group("export (dynamic batch size, checked against PyTorch)")
     exp.add_argument("--export-onnx", type=Path, default=None, help="write an ONNX model here")
     exp.add_argument("--export-torchscript", type=Path, default=None, help="write a TorchScript model here")
-    exp.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
-    exp.add_argument("--export-tolerance", type=positive_float, default=1e-4,
+    exp.add_argument("--opset", type=cli.positive_int, default=17, help="ONNX opset")
+    exp.add_argument("--export-tolerance", type=cli.positive_float, default=1e-4,
                      help="largest |logit difference| the exported model may show")
     return p
-
-
-def _log(rank):
-    def log(*parts):
-        if rank == 0:
-            print(*parts, flush=True)
-    return log
-
-
-def _init_distributed(device):
-    """Join the process group torchrun describes (WORLD_SIZE > 1). Returns (rank, world, device, owned)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device, False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, True
 
 
 def resolve_weights(args, log):
@@ -775,7 +354,7 @@ def resolve_weights(args, log):
         pre = entry["preprocessing"]
         log(f"recognised {name} weights by sha256 (published top-1/top-5 {figures}); using its published "
             f"preprocessing: resize {pre['resize']}, crop {pre['input_size']}, {pre['interpolation']}")
-    return path, read_weights(path), digest, name, entry
+    return path, checkpoint.read_weights(path), digest, name, entry
 
 
 def build_model(args, raw):
@@ -801,7 +380,7 @@ def resolve_preprocessing(args, meta, entry):
     if meta.get("data"):
         pre.update({k: v for k, v in meta["data"].items() if k in pre})
         source = "checkpoint"
-    flags = {"resize": args.resize, "input_size": args.crop, "interpolation": args.interpolation,
+    flags = {"resize": args.resize, "input_size": args.input_size, "interpolation": args.interpolation,
              "mean": args.mean, "std": args.std}
     given = {k: v for k, v in flags.items() if v is not None}
     if given:
@@ -850,15 +429,8 @@ def main(args):
     """Run what the flags ask for; return the results dict. Errors end in one line and a non-zero exit."""
     try:
         return run(args)
-    except UsageError as e:
-        _fail(str(e), 2)
-    except (WeightsError, DataError, EvaluationError) as e:
-        _fail(str(e), 1)
-
-
-def _fail(message, code):
-    print(f"evaluate.py: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+    except cli.ScriptError as e:
+        raise SystemExit(cli.report(e, "evaluate.py")) from None
 
 
 def run(args):
@@ -875,18 +447,31 @@ def run(args):
         # Scores in float32 as on the CPU: cuDNN's TF32 default rounds every convolution's inputs to
         # 10-bit mantissas (relative errors near 1e-3), enough to flip a near-tie prediction.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    rank, world, device, owned_group = _init_distributed(device)
-    log = _log(rank)
+    rank, world, device, owned_group = distributed.init_from_environment(device)
     try:
-        return _run(args, device, rank, world, log)
+        return _run(args, device, rank, world, cli.logger(rank == 0))
     finally:
         if owned_group:
             dist.destroy_process_group()
 
 
+@dataclass
+class Job:
+    """The model made ready to score and what it needs to be read right."""
+    model: nn.Module
+    device: torch.device
+    pre: dict               # preprocessing: resize, input_size, interpolation, mean, std
+    order: str              # class order
+    meta: dict              # what a repo checkpoint says of itself
+    num_classes: int
+    channels_last: bool
+    rank: int = 0
+    world: int = 1
+
+
 def _run(args, device, rank, world, log):
     path, raw, digest, known_name, entry = resolve_weights(args, log)
-    meta = checkpoint_meta(raw)
+    meta = checkpoint.meta(raw)
     model = build_model(args, raw)
     del raw
     num_classes = model.config["num_classes"]
@@ -900,70 +485,82 @@ def _run(args, device, rank, world, log):
               "class_order": order, "preprocessing": pre}
 
     if (args.export_onnx or args.export_torchscript) and rank == 0:
-        result["export"] = run_exports(args, model, pre["input_size"], log)
-
-    fast, channels_last = model.to(device), False
-    if args.amp or args.compile:
-        # autocast needs the plain convolutions; torch.compile packs the weights itself
-        fast = prepare_for_inference(model, device=device, pack=False)
-        channels_last = True
-    elif not args.plain:
-        fast, channels_last, backend = inference_model(model, device, args.backend, pre["input_size"],
-                                                       args.batch_size, log)
+        result["export"] = run_exports(model, args.export_onnx, args.export_torchscript, pre["input_size"],
+                                       args.opset, args.export_tolerance, log)
+    fast, channels_last, backend = fast_model(model, device, pre["input_size"], args.batch_size, args.amp,
+                                              args.compile, args.plain, args.backend, log)
+    if backend:
         result["backend"] = backend
-    if args.compile:
-        example = _parity_input(pre["input_size"], min(args.batch_size, 8)).to(device)
-        if channels_last:
-            example = example.contiguous(memory_format=torch.channels_last)
-        fast = maybe_compile(fast, example, log)
+    job = Job(fast, device, pre, order, meta, num_classes, channels_last, rank, world)
 
     if args.images:
-        result["image_predictions"] = run_predict(args, fast, device, pre, order, meta, num_classes,
-                                                  channels_last)
+        result["image_predictions"] = run_predict(args, job)
     elif args.data_dir is not None:
-        result.update(run_scoring(args, fast, device, pre, order, meta, num_classes, channels_last,
-                                  rank, world, log))
+        result.update(run_scoring(args, job, log))
         if entry and pre_source == "published":
             p = entry["published"]
             log(f"published for {known_name} on the 50,000 val images: top-1 {p['top1']}%"
                 + (f"  top-5 {p['top5']}%" if p["top5"] is not None else ""))
     if args.json and rank == 0:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_output(args.json, outputs.write_json, result)
     return result
 
 
-def run_exports(args, model, input_size, log):
+def fast_model(model, device, input_size, batch_size, amp, compile, plain, backend, log):
+    """(model to score with, wants channels_last input, backend name or None) as the speed flags ask."""
+    if plain:
+        return model.to(device), False, None
+    if amp or compile:
+        # autocast needs the plain convolutions; torch.compile packs the weights itself
+        fast, channels_last, name = inference.prepare_for_inference(model, device=device, pack=False), True, None
+    else:
+        fast, channels_last, name = inference.inference_model(model, device, backend, input_size, batch_size, log)
+    if compile:
+        example = inference.parity_input(input_size, min(batch_size, 8)).to(device)
+        fast = inference.maybe_compile(fast, example.contiguous(memory_format=torch.channels_last), log)
+    return fast, channels_last, name
+
+
+def write_output(path, writer, *contents):
+    """Write one output file atomically, making its folder; a failure is one line naming the file."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise outputs.OutputError(f"could not write {path}: {e.strerror or e}") from None
+    writer(path, *contents)
+
+
+def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance, log):
     # Exported models carry the folded convolutions: the same function, fewer operators to run. The
     # check compares with the model as loaded, so the folding is verified along with the export.
     model = model.cpu().eval()
     deploy = copy.deepcopy(model)
-    fold_batchnorm(deploy)
+    inference.fold_batchnorm(deploy)
     report = {}
-    for kind, target, export in (("onnx", args.export_onnx, export_onnx),
-                                 ("torchscript", args.export_torchscript, export_torchscript)):
+    for kind, target, export in (("onnx", onnx_path, inference.export_onnx),
+                                 ("torchscript", torchscript_path, inference.export_torchscript)):
         if target is None:
             continue
-        kwargs = {"opset": args.opset} if kind == "onnx" else {}
+        kwargs = {"opset": opset} if kind == "onnx" else {}
         diff = export(deploy, target, input_size=input_size, reference=model, **kwargs)
         report[kind] = {"path": str(target), "max_abs_diff": diff}
         if diff is None:
             log(f"wrote {target} (onnxruntime not installed: the exported graph was not run)")
             continue
-        log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} "
-            f"(tolerance {args.export_tolerance:g})")
-        if not diff <= args.export_tolerance:
+        log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
+        if not diff <= tolerance:
             raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
-                                  f"(> {args.export_tolerance:g}); do not deploy it")
+                                  f"(> {tolerance:g}); do not deploy it")
     return report
 
 
-def run_predict(args, model, device, pre, order, meta, num_classes, channels_last):
+def run_predict(args, job):
     files = list_images(args.images)
-    wnids, names = class_names(args, meta, order, num_classes)
+    wnids, names = class_names(args, job.meta, job.order, job.num_classes)
+    pre = job.pre
     transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
-    rows = predict_images(model, files, transform, device, pre["mean"], pre["std"], topk=args.topk,
-                          batch_size=args.batch_size, channels_last=channels_last)
+    rows = predict_images(job.model, files, transform, job.device, pre["mean"], pre["std"], topk=args.topk,
+                          batch_size=args.batch_size, channels_last=job.channels_last)
     out, errors = [], []
     for f, top, error in rows:
         if error:
@@ -978,19 +575,18 @@ def run_predict(args, model, device, pre, order, meta, num_classes, channels_las
                                             for i, prob in top]})
     if errors:
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"images": out}, indent=2) + "\n")
+            write_output(args.json, outputs.write_json, {"images": out})
         raise SystemExit(1)  # each failure already has its own line above
     return out
 
 
-def run_scoring(args, model, device, pre, order, meta, num_classes, channels_last, rank, world, log):
+def run_scoring(args, job, log):
     layout = find_layout(args.data_dir)
-    classes = read_classes(layout, order)
-    if len(classes.wnids) != num_classes:
-        raise EvaluationError(f"the weights have {num_classes} classes but {args.data_dir} lists "
+    classes = read_classes(layout, job.order)
+    if len(classes.wnids) != job.num_classes:
+        raise EvaluationError(f"the weights have {job.num_classes} classes but {args.data_dir} lists "
                               f"{len(classes.wnids)}; use weights trained on this data")
-    saved = (meta.get("classes") or {}).get("wnids")
+    saved = (job.meta.get("classes") or {}).get("wnids")
     if saved and list(saved) != list(classes.wnids):
         first = next(i for i, (a, b) in enumerate(zip(saved, classes.wnids)) if a != b)
         raise EvaluationError(f"the checkpoint's class {first} is {saved[first]} but {args.data_dir} "
@@ -1000,52 +596,47 @@ def run_scoring(args, model, device, pre, order, meta, num_classes, channels_las
         raise DataError(f"{args.data_dir}: no validation images found")
     if args.max_images:
         samples = samples[:args.max_images]
-    transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
-    dataset = ImageNetDataset(samples, transform, train=False)
-    sampler = EvalSampler(len(dataset), num_replicas=world, rank=rank)
-    loader = build_loader(dataset, args.batch_size, sampler, num_workers=args.num_workers)
-    want_rows = bool(args.predictions)
-    stats = evaluate(model, loader, device, mean=pre["mean"], std=pre["std"], channels_last=channels_last,
-                     amp=args.amp, progress=not args.no_progress, collect_predictions=want_rows,
-                     per_class=bool(args.per_class))
+    pre = job.pre
+    dataset = ImageNetDataset(samples, eval_transform(pre["input_size"], pre["resize"], pre["interpolation"]),
+                              train=False)
+    loader = build_loader(dataset, args.batch_size, EvalSampler(len(dataset), num_replicas=job.world, rank=job.rank),
+                          num_workers=args.num_workers)
+    stats = evaluate(job.model, loader, job.device, mean=pre["mean"], std=pre["std"],
+                     channels_last=job.channels_last, amp=args.amp, progress=not args.no_progress,
+                     collect_predictions=bool(args.predictions), per_class=bool(args.per_class))
     log(f"top-1 {stats['top1']:.3f}%  top-5 {stats['top5']:.3f}%  loss {stats['loss']:.4f}  "
         f"images {stats['images']} (failed to decode: {stats['failed']})  "
-        f"{stats['images_per_s']:.1f} images/s on {world} x {device.type}")
+        f"{stats['images_per_s']:.1f} images/s on {job.world} x {job.device.type}")
     if stats["failed"]:
         log(f"warning: {stats['failed']} images did not decode and were scored as misses")
-    if rank == 0:
+    correct, count = stats.pop("per_class_correct", None), stats.pop("per_class_count", None)
+    predictions = stats.pop("predictions", None)
+    if job.rank == 0:
         if args.per_class:
-            write_per_class(args.per_class, stats.pop("per_class_correct"), stats.pop("per_class_count"),
-                            classes)
-        if want_rows:
-            write_predictions(args.predictions, stats.pop("predictions"), samples, classes)
-    stats.pop("per_class_correct", None), stats.pop("per_class_count", None), stats.pop("predictions", None)
+            write_output(args.per_class, write_per_class, correct, count, classes)
+        if args.predictions:
+            write_output(args.predictions, write_predictions, predictions, samples, classes)
     return stats
 
 
 def write_per_class(path, correct, count, classes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "wnid", "name", "top1", "count"])
-        for i, (c, n) in enumerate(zip(correct, count)):
-            if n:  # classes without val images (a subset) have no accuracy to report
-                w.writerow([i, classes.wnids[i], classes.names[i], f"{100 * c / n:.3f}", n])
+    # classes without val images (a subset) have no accuracy to report
+    rows = [[i, classes.wnids[i], classes.names[i], f"{100 * c / n:.3f}", n]
+            for i, (c, n) in enumerate(zip(correct, count)) if n]
+    outputs.write_csv(path, ["index", "wnid", "name", "top1", "count"], rows)
 
 
 def write_predictions(path, predictions, samples, classes):
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = max((len(p["top5"]) for p in predictions), default=5)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "file", "target", "target_wnid", "failed"]
-                   + [f"{col}{j + 1}" for j in range(k) for col in ("pred", "wnid", "prob")])
-        for p in predictions:
-            path, target = samples[p["index"]][0], p["target"]
-            row = [p["index"], path, target, classes.wnids[target], int(p["failed"])]
-            for c, prob in zip(p["top5"], p["prob5"]):
-                row += [c, classes.wnids[c], f"{prob:.6f}"]
-            w.writerow(row)
+    rows = []
+    for p in predictions:
+        target = p["target"]
+        row = [p["index"], samples[p["index"]][0], target, classes.wnids[target], int(p["failed"])]
+        for c, prob in zip(p["top5"], p["prob5"]):
+            row += [c, classes.wnids[c], f"{prob:.6f}"]
+        rows.append(row)
+    outputs.write_csv(path, ["index", "file", "target", "target_wnid", "failed"]
+                      + [f"{col}{j + 1}" for j in range(k) for col in ("pred", "wnid", "prob")], rows)
 
 
 if __name__ == "__main__":

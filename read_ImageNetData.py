@@ -7,7 +7,6 @@ dataset in the exact archive layout from scikit-learn's bundled digits.
 
 Usage: python read_ImageNetData.py --data-dir /data/imagenet [--check] [--list val] [--class-order devkit]
 """
-import argparse
 import io
 import logging
 import math
@@ -23,6 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import cli
+from cli import ScriptError
+
 try:  # optional: decodes JPEGs for training faster than PIL; PIL does everything without it
     import simplejpeg
 except ImportError:
@@ -36,7 +38,8 @@ CLASS_ORDERS = ("sorted", "devkit")
 # The devkit archive unpacks to ILSVRC2012_devkit_t12; some guides (and older READMEs) spell it dev_kit.
 DEVKIT_DIRS = ("ILSVRC2012_devkit_t12", "ILSVRC2012_dev_kit_t12")
 GROUND_TRUTH_NAME = "ILSVRC2012_validation_ground_truth.txt"
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Files read as images everywhere (datasets, evaluate.py's single images); anything else is skipped.
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d+)\.[A-Za-z]+$")
 WNID = re.compile(r"^n\d{8}$")
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -45,7 +48,7 @@ SPLIT_DIRS = {"seed": ("ILSVRC2012_img_train", "ILSVRC2012_img_val"), "torchvisi
 log = logging.getLogger("read_ImageNetData")
 
 
-class DataError(ValueError):
+class DataError(ScriptError, ValueError):
     """A problem with the data on disk: one line that names the file or folder and what to do."""
 
 
@@ -63,8 +66,8 @@ class ImageNetLayout:
     ground_truth: Path | None
 
 
-def _is_image(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+def is_image(name):
+    return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _val_is_flat(val_dir):
@@ -73,7 +76,7 @@ def _val_is_flat(val_dir):
         for e in entries:
             if e.is_dir() and WNID.match(e.name):
                 has_dirs = True
-            elif e.is_file() and _is_image(e.name):
+            elif e.is_file() and is_image(e.name):
                 has_files = True
     if has_files and has_dirs:
         raise DataError(f"{val_dir} holds both image files and <wnid>/ folders: keep one val layout")
@@ -229,7 +232,7 @@ def _folder_samples(split_dir, classes):
             unknown.append(entry.name)
             continue
         label = index[entry.name]
-        names = sorted(e.name for e in os.scandir(entry.path) if e.is_file() and _is_image(e.name))
+        names = sorted(e.name for e in os.scandir(entry.path) if e.is_file() and is_image(e.name))
         samples.extend((os.path.join(entry.path, n), label) for n in names)
     if unknown:
         log.warning("%s: ignoring %d folder(s) that are not among meta.mat's %d classes: %s",
@@ -245,7 +248,7 @@ def _flat_val_samples(layout, classes):
     label_of_id = {ilsvrc_id: i for i, ilsvrc_id in enumerate(classes.ilsvrc_ids)}
     numbered = []
     for entry in os.scandir(layout.val_dir):
-        if not (entry.is_file() and _is_image(entry.name)):
+        if not (entry.is_file() and is_image(entry.name)):
             continue
         match = VAL_NAME.match(entry.name)
         if not match:
@@ -838,21 +841,16 @@ def summarize(layout, classes, samples):
     return lines
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line and exit code 2, as argparse, without the usage block in front of it.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def get_args_parser():
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser(prog="read_ImageNetData.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="ImageNet root (ILSVRC2012_img_train/, ILSVRC2012_img_val/, "
                         "ILSVRC2012_devkit_t12/, or train/ + val/)")
     parser.add_argument("--class-order", default="sorted", choices=CLASS_ORDERS,
                         help="sorted: WNID order of torchvision/timm and public weights; devkit: ILSVRC2012_ID - 1")
     parser.add_argument("--check", action="store_true", help="also decode every image and list the bad ones")
     parser.add_argument("--list", choices=("train", "val"), help="print relative/path<TAB>class_index<TAB>wnid per image")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for --check")
+    parser.add_argument("--num-workers", "--workers", "-j", dest="num_workers", type=cli.positive_int,
+                        default=min(8, os.cpu_count() or 1), help="processes for --check")
     parser.add_argument("--make-demo", type=Path, metavar="DIR",
                         help="write the demo dataset (digits, ILSVRC2012 layout) to DIR and exit")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo dataset's split and order")
@@ -861,8 +859,6 @@ def get_args_parser():
 
 def main(args):
     parser = get_args_parser()
-    if args.workers < 1:
-        parser.error(f"argument --workers: must be at least 1, got {args.workers}")
     if args.make_demo is None and args.data_dir is None:
         parser.error("one of --data-dir or --make-demo is required")
     if args.data_dir is not None and not args.data_dir.is_dir():
@@ -888,12 +884,12 @@ def main(args):
                    for split, d in (("train", layout.train_dir), ("val", layout.val_dir)) if d is not None}
         print("\n".join(summarize(layout, classes, samples)))
         if args.check:
-            bad = check_images([p for s in samples.values() for p, _ in s], args.workers)
+            bad = check_images([p for s in samples.values() for p, _ in s], args.num_workers)
             print(f"check: {len(bad)} unreadable image(s)" + "".join("\n" + b for b in bad))
             if bad:
                 sys.exit(1)  # so a script can stop before a multi-day run
     except DataError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(cli.report(e, parser.prog))
 
 
 if __name__ == "__main__":

@@ -6,20 +6,18 @@ A plain launch with N visible GPUs starts one process per GPU (DistributedDataPa
 works the same way (`torchrun --nproc_per_node=2 train.py --device cpu ...` on the CPU with gloo);
 `python train.py --demo` trains on a small generated dataset on the CPU in a few minutes.
 
-Checkpoints (epoch_N.pth, last.pth, best.pth in --save-path) are one dict of plain data, written
+Checkpoints (epoch_N.pth, last.pth, best.pth in --save-path; the format is `checkpoint.py`'s) are written
 atomically by rank 0 only; `--resume auto` continues from the newest one that loads, also from the middle
 of an epoch after SIGTERM/SIGUSR1 (cluster preemption). On the CPU a resumed run is bit-identical to an
 uninterrupted one.
 """
 import argparse
-import copy
-import csv
+import contextlib
 import ctypes
 import functools
 import math
 import os
 import platform
-import random
 import re
 import signal
 import sys
@@ -27,30 +25,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+import checkpoint
+import cli
 import distributed
 import fused_batchnorm
-from evaluate import evaluate, non_negative_int, positive_float, positive_int
-from MobileNetV2 import MobileNetV2, WeightsError, checkpoint_digest, load_model, read_weights
-from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, DataError, EvalSampler, TrainSampler, TrainTransform,
+import optimization
+import outputs
+from checkpoint import CheckpointError, WeightsError
+from cli import UsageError
+from evaluate import evaluate
+from MobileNetV2 import MobileNetV2
+from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, EvalSampler, TrainSampler, TrainTransform,
                                build_datasets, build_loader, make_demo, normalize)
-
-CHECKPOINT_FORMAT = "mobilenetv2-checkpoint"
-CHECKPOINT_VERSION = 1
-# Files `--resume auto` considers, newest first; temporary files (".name.tmp-PID") never match.
-CHECKPOINT_NAME = re.compile(r"^(last|best|epoch_(\d+))\.pth$")
-# How gloo and NCCL report a rank that died: the job stops with one line here, the cause is that rank's.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
-             "NCCL communicator was aborted")
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-                 "ema_val_top1", "ema_val_top5", "images_per_s", "seconds", "skipped_steps", "failed_images"]
+from weights import load_model
 
 # `--demo`: the settings that reach >= 90% val top-1 on the generated digits data in a few minutes on two
-# CPU cores (measured; see README). Flags given explicitly still win.
+# CPU cores (measured; see README). They are defaults: a flag given on the command line always wins.
 DEMO_SETTINGS = {
     "data_dir": "output/demo/data", "save_path": "output/demo", "device": "cpu", "input_size": 64,
     "width_mult": 0.5, "batch_size": 32, "num_epochs": 15, "lr": 0.05, "lr_schedule": "cosine",
@@ -60,126 +53,99 @@ DEMO_SETTINGS = {
 }
 
 
-class UsageError(ValueError):
-    """A flag value that cannot work; reported like argparse does (one line, exit code 2)."""
+class TrainingError(cli.ScriptError, RuntimeError):
+    """Training cannot go on (non-finite loss, a loader process that died); one line, exit code 1."""
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, unwritable checkpoint, a lost rank); one line, exit code 1."""
-
-
-class CheckpointError(TrainingError):
-    """A checkpoint could not be written or read back."""
-
-
-class Preempted(Exception):
+class Preempted(cli.ScriptError):
     """SIGTERM/SIGUSR1 arrived; a resumable checkpoint was saved. Exits with 128 + the signal number."""
 
     def __init__(self, signum, message):
         super().__init__(message)
         self.signum = signum
+        self.exit_code = 128 + signum
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        # Helps that already say their default (a derived one) are not followed by a second one.
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, exit code 2, as argparse does, without the many-line usage block in front of it.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _unit_interval(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _presets(args):
+    return DEMO_SETTINGS if args.demo else {}
 
 
 def get_args_parser(add_help=True):
-    p = _Parser(prog="train.py", add_help=add_help, formatter_class=_HelpFormatter,
-                description="Train MobileNetV2 on ImageNet. Defaults are the seed repository's recipe "
-                            "(SGD momentum 0.9, lr 0.045 x0.98 per epoch, weight decay 4e-5, batch 256, "
-                            "400 epochs, no dropout), which follows the paper (Sandler et al. 2018, Sec. 6.1: "
-                            "RMSProp there; the seed reproduced it with SGD).")
+    p = cli.Parser(prog="train.py", add_help=add_help, presets=_presets,
+                   description="Train MobileNetV2 on ImageNet. Defaults are the seed repository's recipe "
+                               "(SGD momentum 0.9, lr 0.045 x0.98 per epoch, weight decay 4e-5, batch 256, "
+                               "400 epochs, no dropout), which follows the paper (Sandler et al. 2018, Sec. 6.1: "
+                               "RMSProp there; the seed reproduced it with SGD).")
     seed = p.add_argument_group("the seed's flags (same meaning)")
     seed.add_argument("--data-dir", default="/ImageNet", help="ImageNet root in the seed's layout or train/ + val/")
-    seed.add_argument("--batch-size", type=positive_int, default=256,
+    seed.add_argument("--batch-size", "-b", type=cli.positive_int, default=256,
                       help="global batch, split evenly over the processes (seed)")
-    seed.add_argument("--num-class", type=positive_int, default=1000, help="number of classes (seed)")
-    seed.add_argument("--num-epochs", type=positive_int, default=400, help="total epochs (seed)")
-    seed.add_argument("--lr", type=positive_float, default=0.045, help="base learning rate (seed, paper)")
-    seed.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+    seed.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=1000,
+                      help="number of classes (seed: --num-class)")
+    seed.add_argument("--num-epochs", "--epochs", dest="num_epochs", type=cli.positive_int, default=400,
+                      help="total epochs (seed)")
+    seed.add_argument("--lr", type=cli.positive_float, default=0.045, help="base learning rate (seed, paper)")
+    seed.add_argument("--num-workers", "--workers", "-j", dest="num_workers", type=cli.non_negative_int,
+                      default=min(8, os.cpu_count() or 1),
                       help="loader processes per training process (default: min(8, CPU count))")
-    seed.add_argument("--print-freq", type=positive_int, default=10,
+    seed.add_argument("--print-freq", type=cli.positive_int, default=10,
                       help="steps between plain log lines when the output is not a terminal (seed)")
-    seed.add_argument("--save-epoch-freq", type=positive_int, default=1,
+    seed.add_argument("--save-epoch-freq", type=cli.positive_int, default=1,
                       help="write epoch_N.pth every N epochs (seed)")
-    seed.add_argument("--save-path", default="output", help="checkpoints, metrics and curves go here (seed)")
+    seed.add_argument("--save-path", "--output-dir", dest="save_path", default="output",
+                      help="checkpoints, metrics and curves go here (seed)")
     seed.add_argument("--resume", default="", metavar="FILE|auto",
                       help="continue from a checkpoint; 'auto': the newest one in --save-path that loads. "
                            "A seed-format weights file resumes at --start-epoch")
-    seed.add_argument("--start-epoch", type=non_negative_int, default=None,
+    seed.add_argument("--start-epoch", type=cli.non_negative_int, default=None,
                       help="epochs already done (default: the checkpoint's, else 0); sets lr 0.045 x 0.98^N")
     seed.add_argument("--gpus", default=None, help="seed flag: comma-separated GPU ids to use "
                                                     "(same as CUDA_VISIBLE_DEVICES)")
 
     opt = p.add_argument_group("optimisation (defaults: the seed's recipe; off switches are the seed's)")
-    opt.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (seed)")
-    opt.add_argument("--weight-decay", type=_non_negative_float, default=4e-5, help="L2 weight decay (seed, paper)")
+    opt.add_argument("--momentum", type=cli.fraction, default=0.9, help="SGD momentum (seed)")
+    opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=cli.non_negative_float, default=4e-5,
+                     help="L2 weight decay (seed, paper)")
     opt.add_argument("--no-decay-norm-bias", action="store_true",
                      help="no weight decay on BatchNorm weights and biases (seed: decayed)")
-    opt.add_argument("--lr-schedule", choices=["exponential", "cosine"], default="exponential",
+    opt.add_argument("--lr-schedule", "--lr-scheduler", dest="lr_schedule", choices=["exponential", "cosine"],
+                     default="exponential",
                      help="exponential: lr x gamma every epoch (seed); cosine: per-step cosine to --min-lr")
-    opt.add_argument("--lr-gamma", type=positive_float, default=0.98, help="per-epoch lr factor (seed, paper)")
-    opt.add_argument("--warmup-epochs", type=_non_negative_float, default=0.0,
-                     help="linear lr warm-up from ~0, per step (seed: none)")
-    opt.add_argument("--min-lr", type=_non_negative_float, default=0.0, help="final lr of the cosine schedule")
-    opt.add_argument("--label-smoothing", type=_fraction, default=0.0, help="label smoothing (seed: none)")
-    opt.add_argument("--crop-scale-min", type=positive_float, default=0.08,
+    opt.add_argument("--lr-gamma", type=cli.positive_float, default=0.98, help="per-epoch lr factor (seed, paper)")
+    opt.add_argument("--warmup-epochs", "--lr-warmup-epochs", dest="warmup_epochs", type=cli.non_negative_float,
+                     default=0.0, help="linear lr warm-up from ~0, per step (seed: none)")
+    opt.add_argument("--min-lr", "--lr-min", dest="min_lr", type=cli.non_negative_float, default=0.0,
+                     help="final lr of the cosine schedule")
+    opt.add_argument("--label-smoothing", type=cli.fraction, default=0.0, help="label smoothing (seed: none)")
+    opt.add_argument("--crop-scale-min", type=cli.positive_float, default=0.08,
                      help="smallest area fraction of the random-resized crop (Inception, torchvision)")
-    opt.add_argument("--hflip", type=_unit_interval, default=0.5,
+    opt.add_argument("--hflip", type=cli.unit_interval, default=0.5,
                      help="probability of a horizontal flip (Inception, torchvision)")
-    opt.add_argument("--dropout", type=_fraction, default=0.0,
+    opt.add_argument("--dropout", type=cli.fraction, default=0.0,
                      help="dropout before the classifier (seed: none; the paper used 0.2 in TensorFlow)")
     opt.add_argument("--model-ema", action="store_true",
                      help="keep an exponential moving average of the weights, validated each epoch too")
-    opt.add_argument("--model-ema-decay", type=_fraction, default=0.9999, help="EMA decay per optimizer step")
-    opt.add_argument("--max-nonfinite", type=positive_int, default=3,
+    opt.add_argument("--model-ema-decay", type=cli.fraction, default=0.9999, help="EMA decay per optimizer step")
+    opt.add_argument("--max-nonfinite", type=cli.positive_int, default=3,
                      help="stop after this many non-finite losses in a row (each such step is skipped)")
 
     model = p.add_argument_group("model and data")
-    model.add_argument("--width-mult", type=positive_float, default=1.0, help="width multiplier (paper: 1.0)")
-    model.add_argument("--input-size", type=positive_int, default=224, help="training/validation crop (paper: 224)")
-    model.add_argument("--resize", type=positive_int, default=None,
+    model.add_argument("--width-mult", type=cli.positive_float, default=1.0, help="width multiplier (paper: 1.0)")
+    model.add_argument("--input-size", type=cli.positive_int, default=224,
+                       help="training/validation crop (paper: 224)")
+    model.add_argument("--resize", type=cli.positive_int, default=None,
                        help="validation resize before the centre crop (default: input size x 256/224)")
     model.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
                        help="validation resize interpolation (torchvision's reference)")
     model.add_argument("--class-order", choices=["sorted", "devkit"], default="sorted",
                        help="class index order: sorted WNIDs (torchvision, timm, public weights) or devkit "
                             "ILSVRC2012_ID - 1 (the seed repo's)")
-    model.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, sampling and augmentation")
+    model.add_argument("--seed", type=cli.non_negative_int, default=0,
+                       help="seed for init, sampling and augmentation")
 
     dev = p.add_argument_group("devices and speed")
     dev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -195,26 +161,22 @@ def get_args_parser(add_help=True):
                           "about 20%% faster, equal to float32 rounding (built once with the C++ compiler PyTorch "
                           "extensions use; without one, PyTorch's layers run)")
     dev.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
-    dev.add_argument("--dist-timeout", type=positive_float, default=30.0,
+    dev.add_argument("--dist-timeout", type=cli.positive_float, default=30.0,
                      help="minutes a rank waits for a silent peer before failing")
 
     out = p.add_argument_group("output")
-    out.add_argument("--keep-last", type=non_negative_int, default=0,
+    out.add_argument("--keep-last", type=cli.non_negative_int, default=0,
                      help="keep only the newest k epoch_N.pth files (0: keep all); last/best always stay")
     out.add_argument("--tensorboard", action="store_true", help="also log to <save-path>/tensorboard")
     out.add_argument("--demo", action="store_true",
-                     help="build a small digits dataset in output/demo/data if absent and train on it on the CPU")
+                     help="train on a small generated digits dataset on the CPU (built in output/demo/data if "
+                          "absent); its settings are defaults: flags given explicitly win")
     return p
 
 
-def resolve_args(args):
-    """Apply --demo settings (explicit flags win), derived defaults and the checks argparse cannot do."""
+def check_args(args):
+    """Derived defaults and the checks argparse cannot do; a copy of `args`, which stays untouched."""
     args = argparse.Namespace(**vars(args))
-    if args.demo:
-        defaults = get_args_parser()
-        for key, value in DEMO_SETTINGS.items():
-            if getattr(args, key) == defaults.get_default(key):
-                setattr(args, key, value)
     if args.resize is None:
         args.resize = int(round(args.input_size * 256 / 224))
     if args.resize < args.input_size:
@@ -248,19 +210,13 @@ def plain_args(args):
 
 
 # --------------------------------------------------------------------------------------------------
-# Randomness: seeded per (seed, epoch, rank) at each epoch start, saved mid-epoch
+# Set-up: randomness, memory, the CPU kernel
 
 
 def epoch_seed(seed, epoch, rank):
     # A fresh, reproducible stream per epoch makes an epoch's shuffling, augmentation and dropout depend
     # on nothing but (seed, epoch, rank): a resumed run sees exactly what an uninterrupted one saw.
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**32
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also every CUDA device
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -286,6 +242,15 @@ def keep_freed_memory():
         return False
 
 
+def set_up_device(device):
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
+
+
 def use_fused_batchnorm(model, log):
     """Train `model`'s BatchNorm (+ ReLU6) layers with the fused CPU kernel; say so, or why not."""
     start = time.perf_counter()
@@ -300,109 +265,69 @@ def use_fused_batchnorm(model, log):
     return swapped
 
 
-def capture_rng():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def amp_dtype_for(amp, device):
+    """The autocast dtype, or None for float32: `amp` None means on for CUDA, off on the CPU."""
+    if not (amp if amp is not None else device.type == "cuda"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------
-# Model, optimizer, schedule, EMA
+# Data
 
 
-def build_criterion(label_smoothing=0.0):
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+@dataclass
+class Data:
+    train_loader: object
+    val_loader: object
+    sampler: TrainSampler
+    classes: object
+    train_images: int
+    val_images: int
+    batch_per_rank: int
+    steps_per_epoch: int
+    preprocessing: dict
 
 
-def parameter_groups(model, weight_decay, decay_norm_and_bias=True):
-    """SGD groups; BatchNorm scales/shifts and biases (1-D tensors) can be left undecayed: shrinking
-    them only fights the normalisation and does not regularise (as in later MobileNet recipes)."""
-    if decay_norm_and_bias:
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_data(data_dir, class_order, num_classes, input_size, resize, interpolation, crop_scale_min, hflip,
+               batch_size, num_workers, seed, context, log):
+    """Datasets, samplers and loaders for this rank; labels as `read_ImageNetData` assigns them."""
+    if batch_size % context.world_size:
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over {context.world_size} processes")
+    per_rank = batch_size // context.world_size
+    train_set, val_set, classes, _ = build_datasets(data_dir, class_order, input_size, resize, interpolation)
+    if train_set is None or len(train_set) == 0:
+        raise UsageError(f"--data-dir {data_dir}: no training images found")
+    if (crop_scale_min, hflip) != (0.08, 0.5):
+        train_set.transform = TrainTransform(input_size, scale=(crop_scale_min, 1.0), hflip=hflip,
+                                             interpolation=interpolation)
+    if len(classes.wnids) != num_classes:
+        raise UsageError(f"--num-classes {num_classes}, but {data_dir} has {len(classes.wnids)} classes")
+    sampler = TrainSampler(len(train_set), num_replicas=context.world_size, rank=context.rank, seed=seed)
+    pin = context.device.type == "cuda"
+    # Workers are not persistent: each epoch's iterator draws its worker seeds from that epoch's stream.
+    train_loader = build_loader(train_set, per_rank, sampler, num_workers=num_workers, pin_memory=pin,
+                                persistent_workers=False, drop_last=True)
+    steps_per_epoch = math.ceil(len(train_set) / context.world_size) // per_rank
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {batch_size}: larger than the {len(train_set)} training images")
+    val_loader = None
+    if val_set is not None and len(val_set):
+        val_loader = build_loader(val_set, per_rank, EvalSampler(len(val_set), context.world_size, context.rank),
+                                  num_workers=num_workers, pin_memory=pin, persistent_workers=False,
+                                  drop_last=False)
+    else:
+        log(f"warning: no validation images in {data_dir}; best.pth follows nothing, only last.pth is kept")
+    preprocessing = {"input_size": input_size, "resize": resize, "interpolation": interpolation,
+                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
+                per_rank, steps_per_epoch, preprocessing)
 
 
-class LRSchedule:
-    """The learning rate as a pure function of the position in training (epoch, step), so a run resumed at
-    any step, or from weights alone at --start-epoch, gets exactly the lr an uninterrupted run had.
-
-    exponential: lr x gamma^epoch, constant within an epoch (the seed's StepLR(step_size=1, gamma=0.98)).
-    cosine: per-step half cosine from lr to min_lr over the epochs after warm-up.
-    """
-
-    def __init__(self, base_lr, epochs, kind="exponential", gamma=0.98, warmup_epochs=0.0, min_lr=0.0):
-        self.base_lr, self.epochs, self.kind = float(base_lr), int(epochs), kind
-        self.gamma, self.warmup_epochs, self.min_lr = float(gamma), float(warmup_epochs), float(min_lr)
-
-    def __call__(self, epoch, step=0, steps_per_epoch=1):
-        t = epoch + step / max(steps_per_epoch, 1)
-        if t < self.warmup_epochs:
-            # (step + 1): the very first step already moves, instead of a wasted lr-0 step.
-            done = epoch * steps_per_epoch + step + 1
-            return self.base_lr * min(1.0, done / (self.warmup_epochs * steps_per_epoch))
-        if self.kind == "exponential":
-            return self.base_lr * self.gamma ** epoch
-        span = max(self.epochs - self.warmup_epochs, 1e-8)
-        progress = min(1.0, (t - self.warmup_epochs) / span)
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
-
-    def state_dict(self):
-        return dict(vars(self))
-
-
-class ModelEma:
-    """Exponential moving average of every floating-point entry of the model's state (weights and
-    BatchNorm statistics), updated after each optimizer step and validated beside the model."""
-
-    def __init__(self, model, decay):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self._pairs = None
-
-    @torch.no_grad()
-    def update(self, model):
-        if self._pairs is None:
-            own, other = self.module.state_dict(), model.state_dict()
-            floats = [k for k, v in own.items() if v.is_floating_point()]
-            self._pairs = ([own[k] for k in floats], [other[k] for k in floats],
-                           [(own[k], other[k]) for k in own if not own[k].is_floating_point()])
-        ema, current, rest = self._pairs
-        torch._foreach_lerp_(ema, current, 1.0 - self.decay)
-        for e, c in rest:  # BatchNorm's num_batches_tracked
-            e.copy_(c)
-
-
-def unwrap(model):
-    """The plain MobileNetV2 under DDP and torch.compile wrappers: its keys carry no prefix."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def cpu_state(model):
-    # Contiguous CPU tensors: the file does not depend on the device or memory format trained with.
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+# --------------------------------------------------------------------------------------------------
+# Model and the state to continue from
 
 
 def load_state_checked(model, state, source):
@@ -415,10 +340,140 @@ def load_state_checked(model, state, source):
                          f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
-            hint = ("--num-class" if key.startswith("classifier") else "--width-mult")
+            hint = ("--num-classes" if key.startswith("classifier") else "--width-mult")
             raise UsageError(f"{source}: {key} has shape {list(state[key].shape)} but the model built from "
                              f"the flags has {list(value.shape)}; check {hint}")
     model.load_state_dict(state)
+
+
+@dataclass
+class Start:
+    """Where training starts: after `epoch` epochs and `step` steps, with what a checkpoint carried."""
+    epoch: int = 0
+    step: int = 0
+    best_acc1: float = -1.0
+    metrics: list = None
+    ckpt: dict = None     # a training checkpoint (None when starting afresh or from weights alone)
+    path: Path = None
+
+
+def find_resume(resume, save_path, context, log):
+    """(path, data) of the checkpoint to continue from, or (None, None). Rank 0 chooses for 'auto'."""
+    if not resume:
+        return None, None
+    if resume == "auto":
+        path = None
+        if context.is_main:
+            path, _ = checkpoint.find_latest(save_path, log)
+            path = str(path) if path is not None else None
+        path = distributed.broadcast_object(path, context)
+        if path is None:
+            log(f"--resume auto: no checkpoint in {save_path} yet, starting afresh")
+            return None, None
+        return Path(path), checkpoint.read(path)
+    return Path(resume), checkpoint.read(resume)
+
+
+def check_config(ckpt, num_classes, width_mult, path):
+    config = ckpt.get("model_config") or {}
+    for key, flag, value in (("num_classes", "--num-classes", num_classes), ("width_mult", "--width-mult", width_mult)):
+        if key in config and config[key] != value:
+            raise UsageError(f"{path} holds a model with {key}={config[key]} but {flag} is {value}; "
+                             f"pass {flag} {config[key]} or another checkpoint")
+
+
+def restore(model, path, data, start_epoch, num_classes, width_mult, batch_size, train_images, context, log):
+    """Load what `data` (read from `path`) holds into `model`; return the Start.
+
+    A training checkpoint restores everything; weights alone (the seed's `module.network.*` files,
+    torchvision's, ...) restore the model, and `start_epoch` says where the schedule stands.
+    """
+    if data is None:
+        return Start(metrics=[])
+    if not checkpoint.is_checkpoint(data):
+        try:
+            weights = load_model(data, num_classes=num_classes, width_mult=width_mult)
+        except WeightsError as e:
+            raise UsageError(f"{path}: {e}") from None
+        load_state_checked(model, weights.state_dict(), path)
+        log(f"resuming weights from {path} at epoch {start_epoch or 0} (optimizer state starts afresh)")
+        return Start(epoch=start_epoch or 0, metrics=[], path=path)
+    check_config(data, num_classes, width_mult, path)
+    load_state_checked(model, data["model"], path)
+    start = Start(int(data["epoch"]), int(data["step"]), float(data.get("best_acc1", -1.0)),
+                  list(data.get("metrics") or []), data, path)
+    log(f"resuming from {path}: {start.epoch} epochs done" + (f" + {start.step} steps" if start.step else ""))
+    if start_epoch is not None and start_epoch != start.epoch:
+        log(f"warning: --start-epoch {start_epoch} overrides the checkpoint's {start.epoch} epochs")
+        start.epoch, start.step = start_epoch, 0
+        start.metrics = [m for m in start.metrics if m["epoch"] <= start_epoch]
+    if start.step:
+        saved_images = (data.get("sampler") or {}).get("n", train_images)
+        if saved_images != train_images:
+            raise UsageError(f"{path} stopped inside epoch {start.epoch + 1} of {saved_images} training images, but "
+                             f"--data-dir now has {train_images}: the rest of that epoch cannot be told apart; "
+                             "restore the data, or resume from the last epoch_N.pth (an epoch boundary)")
+        saved_batch = (data.get("args") or {}).get("batch_size")
+        if saved_batch != batch_size or int(data.get("world_size", 1)) != context.world_size:
+            # The sampler's position counts samples of the whole job, so it carries over: resume at the
+            # last step boundary of the new batch at or before it (at most one batch is seen twice).
+            consumed = int((data.get("sampler") or {}).get("consumed", start.step * (saved_batch or batch_size)))
+            start.step = consumed // batch_size
+            log(f"note: batch size or process count changed since the mid-epoch checkpoint; continuing that "
+                f"epoch at step {start.step} of the new batch size")
+    return start
+
+
+@dataclass
+class Learner:
+    """Everything one optimisation step uses."""
+    model: nn.Module            # as it runs: DDP and torch.compile wrappers included
+    raw: nn.Module              # the plain MobileNetV2 inside (what is saved and validated)
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: optimization.LRSchedule
+    device: torch.device
+    scaler: object = None       # torch.amp.GradScaler for float16
+    amp_dtype: torch.dtype = None
+    channels_last: bool = True
+    ema: optimization.ModelEma = None
+    max_nonfinite: int = 3
+
+
+def build_learner(model, args, start, context, log):
+    """Put the model on its device with its wrappers; build the optimizer, schedule, scaler and EMA, and
+    restore their state from the checkpoint being resumed."""
+    device = context.device
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    if device.type == "cpu" and args.channels_last and args.fused_bn:
+        use_fused_batchnorm(model, log)
+    ema = optimization.ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    ckpt = start.ckpt
+    if ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:
+        load_state_checked(ema.module, ckpt["model_ema"], start.path)
+    raw = model
+    if args.sync_bn and context.distributed:
+        raw = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if context.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = optimization.build_optimizer(raw, args.lr, args.momentum, args.weight_decay,
+                                             not args.no_decay_norm_bias)
+    amp_dtype = amp_dtype_for(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"{start.path}: optimizer state does not fit ({e}); keep --no-decay-norm-bias "
+                             "as in the original run") from None
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    schedule = optimization.LRSchedule(args.lr, args.num_epochs, args.lr_schedule, args.lr_gamma,
+                                       args.warmup_epochs, args.min_lr)
+    return Learner(model, raw, optimization.build_criterion(args.label_smoothing), optimizer, schedule, device,
+                   scaler, amp_dtype, args.channels_last, ema, args.max_nonfinite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,15 +562,21 @@ def _hms(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def train_one_epoch(model, loader, criterion, optimizer, schedule, epoch, steps_per_epoch, device, context, *,
-                    start_step=0, meter=None, scaler=None, amp_dtype=None, channels_last=True, ema=None,
-                    stop=None, max_nonfinite=3, progress=None, on_step=None, log=print):
+def _loader_died(batches):
+    """Whether a worker process of this DataLoader iterator is gone (killed, out of memory): the loader then
+    raises a RuntimeError wherever the main process happens to be when it notices."""
+    return any(not worker.is_alive() for worker in getattr(batches, "_workers", None) or [])
+
+
+def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_step=0, meter=None, stop=None,
+                    progress=None, on_step=None, log=print):
     """Train over `loader` (which already skips the first `start_step` batches of the epoch).
 
     Returns (meter, steps done in this epoch, stopped): stopped is True when a preemption signal asked
     to stop, in which case the last step was completed. A non-finite loss on any rank skips the step on
     every rank (gradients dropped, BatchNorm statistics restored); `max_nonfinite` in a row raise.
     """
+    model, optimizer, device = learner.model, learner.optimizer, learner.device
     model.train()
     meter = meter or EpochMeter()
     step = start_step
@@ -524,24 +585,25 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, epoch, steps_
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     # Inputs follow the weights' precision (float64 runs serve numerical checks); autocast handles AMP.
     input_dtype = next(model.parameters()).dtype
+    amp_dtype = learner.amp_dtype
     last = time.perf_counter()  # step times include waiting for data: images/s is the real throughput
     batches = iter(loader)
     try:
         for images, targets, indices, failed in batches:
-            lr = schedule(epoch, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = learner.schedule(epoch, step, steps_per_epoch)
+            optimization.set_lr(optimizer, lr)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            x = normalize(images, channels_last=channels_last)
+            x = normalize(images, channels_last=learner.channels_last)
             if x.dtype != input_dtype:
                 x = x.to(input_dtype)
             saved_buffers = [b.clone() for b in buffers]
 
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(x)
-                loss = criterion(logits, targets)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss = learner.criterion(logits, targets)
+            with distributed.collective() if context.distributed else contextlib.nullcontext():  # DDP syncs here
+                (learner.scaler.scale(loss) if learner.scaler is not None else loss).backward()
 
             # One small all-reduce per step carries the statistics, the non-finite check and the stop vote,
             # so every rank takes the same decision at the same step.
@@ -562,21 +624,21 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, epoch, steps_
                 bad_in_a_row += 1
                 meter.skipped += 1
                 log(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}; step skipped "
-                    f"({bad_in_a_row} in a row, stop at {max_nonfinite})")
-                if bad_in_a_row >= max_nonfinite:
+                    f"({bad_in_a_row} in a row, stop at {learner.max_nonfinite})")
+                if bad_in_a_row >= learner.max_nonfinite:
                     raise TrainingError(f"loss was non-finite for {bad_in_a_row} steps in a row (epoch {epoch + 1}, "
                                         f"step {step + 1}); stopped without saving, the last good checkpoint is "
                                         "kept; lower --lr or check the data")
             else:
                 bad_in_a_row = 0
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
+                if learner.scaler is not None:
+                    learner.scaler.step(optimizer)
+                    learner.scaler.update()
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(unwrap(model))
+                if learner.ema is not None:
+                    learner.ema.update(learner.raw)
                 meter.loss_sum += loss_sum
                 meter.correct += correct
                 meter.count += count
@@ -591,6 +653,11 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, epoch, steps_
                 on_step(epoch, step, indices)
             if stop_votes:
                 return meter, step, True
+    except RuntimeError as e:
+        if isinstance(e, cli.ScriptError) or not _loader_died(batches):
+            raise
+        raise TrainingError(f"a data loader process died ({str(e).splitlines()[0]}); check memory and the data, "
+                            "then --resume auto") from None
     finally:
         # Releasing a DataLoader iterator stops its workers, also when an error ends the epoch early.
         del batches
@@ -598,242 +665,75 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, epoch, steps_
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: plain data, a content digest, atomic writes
+# Validate and save
 
 
-def all_finite(state):
-    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+def validate(learner, val_loader, show_progress):
+    """{val_loss, val_top1, val_top5, ema_val_top1, ema_val_top5}: NaN/None where there is nothing to score."""
+    out = {"val_loss": float("nan"), "val_top1": float("nan"), "val_top5": float("nan"),
+           "ema_val_top1": None, "ema_val_top5": None}
+    if val_loader is None:
+        return out
+    amp = learner.amp_dtype is not None
+    val = evaluate(learner.raw, val_loader, learner.device, channels_last=learner.channels_last, amp=amp,
+                   progress=show_progress)
+    out.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+    if learner.ema is not None:
+        val_ema = evaluate(learner.ema.module, val_loader, learner.device, channels_last=learner.channels_last,
+                           amp=amp, progress=False)
+        out.update(ema_val_top1=val_ema["top1"], ema_val_top5=val_ema["top5"])
+    return out
 
 
-def serialize(checkpoint):
-    import io
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
+def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, world_size, args, partial=None):
+    """The training checkpoint of this moment (see checkpoint.KEYS)."""
+    classes = data.classes
+    return checkpoint.make(
+        model=checkpoint.model_state(learner.raw),
+        model_ema=checkpoint.model_state(learner.ema.module) if learner.ema is not None else None,
+        model_config=dict(learner.raw.config),
+        classes={"order": classes.order, "wnids": list(classes.wnids), "names": list(classes.names)},
+        data=dict(data.preprocessing), epoch=epochs_done, step=steps_done,
+        optimizer=learner.optimizer.state_dict(),
+        scaler=learner.scaler.state_dict() if learner.scaler is not None else None,
+        best_acc1=best_acc1, rng=checkpoint.capture_rng(), sampler=data.sampler.state_dict(), metrics=metrics,
+        partial=partial, world_size=world_size, args=plain_args(args))
 
 
-def atomic_write(payload, path):
-    """Write bytes so that `path` is either its old content or the complete new one, never a mix:
-    temporary file, flush + fsync, rename over, fsync the directory. On failure the old file is kept."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def save_epoch(ckpt, save_path, epoch, is_last_epoch, save_epoch_freq, is_best, keep_last, metrics, log):
+    """Write the end-of-epoch checkpoint to epoch_N.pth (every `save_epoch_freq`), last.pth and, when it
+    is the best so far, best.pth; then prune old epoch files and rewrite the reports."""
+    paths = []
+    if epoch % save_epoch_freq == 0 or is_last_epoch:
+        paths.append(save_path / f"epoch_{epoch}.pth")
+    paths.append(save_path / "last.pth")
+    if is_best:
+        paths.append(save_path / "best.pth")
+    checkpoint.write(ckpt, paths)
+    checkpoint.prune(save_path, keep_last, log)
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        reason = e.strerror or str(e)
-        raise CheckpointError(f"could not write {path}: {reason}; nothing was replaced, the earlier "
-                              "checkpoints are intact; free space or fix the path, then --resume auto") from None
+        outputs.write_reports(metrics, save_path)
+    except outputs.OutputError as e:
+        raise CheckpointError(f"{e}; epoch {epoch} is saved in its checkpoint: free space, then --resume auto"
+                              ) from None
 
 
-def _fsync_dir(directory):
-    # The rename lives in the directory; without this a crash can forget it.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def epoch_record(epoch, lr, meter, val):
+    return {"epoch": epoch, "lr": lr, "train_loss": meter.loss, "train_top1": meter.top1, **val,
+            "images_per_s": meter.count / meter.seconds if meter.seconds else 0.0,
+            "seconds": meter.seconds, "skipped_steps": meter.skipped, "failed_images": meter.failed}
 
 
-def remove_stale_temporaries(directory):
-    """Temporary files of a process killed while writing: never a checkpoint, safe to drop."""
-    for tmp in Path(directory).glob(".*.pth.tmp-*"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
-def epoch_files(directory):
-    """epoch_N.pth files in `directory` as (N, path), oldest first."""
-    found = []
-    for path in Path(directory).glob("epoch_*.pth"):
-        m = CHECKPOINT_NAME.match(path.name)
-        if m and m.group(2):
-            found.append((int(m.group(2)), path))
-    return sorted(found)
-
-
-def prune_epoch_files(directory, keep, log=print):
-    """Keep the newest `keep` epoch files. Called only after the newest was written and synced, so the
-    files deleted always have a safely written successor."""
-    if keep <= 0:
-        return []
-    removed = []
-    for _, path in epoch_files(directory)[:-keep]:
-        try:
-            path.unlink()
-            removed.append(path)
-        except OSError as e:
-            log(f"warning: could not delete old checkpoint {path}: {e.strerror}")
-    return removed
-
-
-def write_checkpoint(checkpoint, paths):
-    """Serialise once, check, then write each path atomically (in order: the first is the new epoch file)."""
-    for key in ("model", "model_ema"):
-        if checkpoint.get(key) is not None and not all_finite(checkpoint[key]):
-            raise CheckpointError(f"refusing to write {paths[0]}: the {key} weights hold NaN/inf; the last good "
-                                  "checkpoint is kept; lower --lr")
-    checkpoint["sha256"] = checkpoint_digest(checkpoint)
-    payload = serialize(checkpoint)
-    for path in paths:
-        atomic_write(payload, path)
-
-
-def read_checkpoint(path):
-    """A checkpoint or weights file as a dict (weights_only, no code runs); repo checkpoints must match
-    their digest. Raises WeightsError/CheckpointError with one line naming the file."""
-    data = read_weights(path)  # verifies the checksum saved inside
-    if data.get("format") == CHECKPOINT_FORMAT:
-        missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in data]
-        if missing:
-            raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; use another one")
-    return data
-
-
-def find_resume_checkpoint(directory, log=print):
-    """The newest checkpoint in `directory` that loads: (path, data), or (None, None) if there is none.
-    Unreadable files are skipped with a note; if every candidate is unreadable, that is an error."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None, None
-    priority = {"last.pth": 0, "best.pth": 2}
-    candidates = [p for p in directory.iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_file()]
-    # Newest first; on equal times prefer last.pth, then later epochs, then best.pth (an older epoch).
-    candidates.sort(key=lambda p: (-p.stat().st_mtime_ns, priority.get(p.name, 1),
-                                   -int(CHECKPOINT_NAME.match(p.name).group(2) or 0)))
-    for path in candidates:
-        try:
-            data = read_checkpoint(path)
-        except (WeightsError, CheckpointError) as e:
-            log(f"note: --resume auto skips {e}")
-            continue
-        if data.get("format") != CHECKPOINT_FORMAT:
-            log(f"note: --resume auto skips {path}: not a training checkpoint of this repo")
-            continue
-        return path, data
-    if candidates:
-        raise CheckpointError(f"--resume auto: none of the {len(candidates)} checkpoints in {directory} loads; "
-                              "pass --resume FILE or move them away to start afresh")
-    return None, None
-
-
-# --------------------------------------------------------------------------------------------------
-# Reports: metrics.csv, result.txt, curves.png, TensorBoard
-
-
-def write_reports(metrics, directory):
-    directory = Path(directory)
-    tmp = directory / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in metrics:
-            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
-    os.replace(tmp, directory / "metrics.csv")
-    # The seed's result.txt: one readable line per epoch.
-    lines = [f"epoch {m['epoch']} lr {m['lr']:.6f} train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2f} "
-             f"| val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2f} top5 {m['val_top5']:.2f}"
-             + (f" | ema top1 {m['ema_val_top1']:.2f}" if m.get("ema_val_top1") is not None else "")
-             + f" | {m['images_per_s']:.0f} img/s {m['seconds']:.0f} s" for m in metrics]
-    (directory / "result.txt").write_text("\n".join(lines) + "\n")
-    plot_curves(metrics, directory / "curves.png")
-
-
-def _fmt(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
-
-
-def plot_curves(metrics, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [m["epoch"] for m in metrics]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-    axes[0].plot(epochs, [m["val_loss"] for m in metrics], "o-", label="val")
-    axes[0].set_title("loss")
-    axes[1].plot(epochs, [m["train_top1"] for m in metrics], "o-", label="train top-1")
-    axes[1].plot(epochs, [m["val_top1"] for m in metrics], "o-", label="val top-1")
-    axes[1].plot(epochs, [m["val_top5"] for m in metrics], "o-", label="val top-5")
-    if any(m.get("ema_val_top1") is not None for m in metrics):
-        axes[1].plot(epochs, [m.get("ema_val_top1") for m in metrics], "o-", label="EMA val top-1")
-    axes[1].set_title("accuracy (%)")
-    axes[2].plot(epochs, [m["lr"] for m in metrics], "o-")
-    axes[2].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
-    fig.tight_layout()
-    tmp = path.with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+def epoch_line(record, num_epochs):
+    return (f"epoch {record['epoch']}/{num_epochs} lr {record['lr']:.6f} train loss {record['train_loss']:.4f} "
+            f"top1 {record['train_top1']:.2f} | val loss {record['val_loss']:.4f} top1 {record['val_top1']:.2f} "
+            f"top5 {record['val_top5']:.2f}"
+            + (f" | ema top1 {record['ema_val_top1']:.2f}" if record["ema_val_top1"] is not None else "")
+            + f" | {record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s")
 
 
 # --------------------------------------------------------------------------------------------------
 # The run
-
-
-def _logger(context):
-    def log(*parts):
-        if context.is_main:
-            print(*parts, flush=True)
-    return log
-
-
-def resolve_resume(args, context, log):
-    """(path, data) of the checkpoint to continue from, or (None, None). Rank 0 chooses for 'auto'."""
-    if not args.resume:
-        return None, None
-    if args.resume == "auto":
-        path = None
-        if context.is_main:
-            path, _ = find_resume_checkpoint(args.save_path, log)
-            path = str(path) if path is not None else None
-        path = distributed.broadcast_object(path, context)
-        if path is None:
-            log(f"--resume auto: no checkpoint in {args.save_path} yet, starting afresh")
-            return None, None
-        return Path(path), read_checkpoint(path)
-    return Path(args.resume), read_checkpoint(args.resume)
-
-
-def check_config(ckpt, args, path):
-    config = ckpt.get("model_config") or {}
-    for key, flag, value in (("num_classes", "--num-class", args.num_class),
-                             ("width_mult", "--width-mult", args.width_mult)):
-        if key in config and config[key] != value:
-            raise UsageError(f"{path} holds a model with {key}={config[key]} but {flag} is {value}; "
-                             f"pass {flag} {config[key]} or another checkpoint")
-
-
-def amp_dtype_for(args, device):
-    enabled = args.amp if args.amp is not None else device.type == "cuda"
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
 
 
 def run(args, on_step=None):
@@ -848,222 +748,65 @@ def run(args, on_step=None):
 
 
 def train(args, context, stop, on_step=None):
-    log = _logger(context)
-    device = context.device
+    log = cli.logger(context.is_main)
     save_path = Path(args.save_path)
-    if args.batch_size % context.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {context.world_size} processes")
-    per_rank = args.batch_size // context.world_size
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        keep_freed_memory()
+    set_up_device(context.device)
+    data = build_data(args.data_dir, args.class_order, args.num_classes, args.input_size, args.resize,
+                      args.interpolation, args.crop_scale_min, args.hflip, args.batch_size, args.num_workers,
+                      args.seed, context, log)
 
-    # Data
-    train_set, val_set, classes, _ = build_datasets(args.data_dir, args.class_order, args.input_size,
-                                                    args.resize, args.interpolation)
-    if train_set is None or len(train_set) == 0:
-        raise UsageError(f"--data-dir {args.data_dir}: no training images found")
-    if (args.crop_scale_min, args.hflip) != (0.08, 0.5):
-        train_set.transform = TrainTransform(args.input_size, scale=(args.crop_scale_min, 1.0), hflip=args.hflip,
-                                             interpolation=args.interpolation)
-    if len(classes.wnids) != args.num_class:
-        raise UsageError(f"--num-class {args.num_class}, but {args.data_dir} has {len(classes.wnids)} classes")
-    train_sampler = TrainSampler(len(train_set), num_replicas=context.world_size, rank=context.rank, seed=args.seed)
-    pin = device.type == "cuda"
-    # Workers are not persistent: each epoch's iterator draws its worker seeds from that epoch's stream.
-    train_loader = build_loader(train_set, per_rank, train_sampler, num_workers=args.num_workers, pin_memory=pin,
-                                persistent_workers=False, drop_last=True)
-    samples_per_rank = math.ceil(len(train_set) / context.world_size)
-    steps_per_epoch = samples_per_rank // per_rank
-    if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(train_set)} training images")
-    val_loader = None
-    if val_set is not None and len(val_set):
-        val_loader = build_loader(val_set, per_rank, EvalSampler(len(val_set), context.world_size, context.rank),
-                                  num_workers=args.num_workers, pin_memory=pin, persistent_workers=False,
-                                  drop_last=False)
-    else:
-        log(f"warning: no validation images in {args.data_dir}; best.pth follows nothing, only last.pth is kept")
-
-    # Model and state to continue from
-    seed_everything(args.seed)
-    model = MobileNetV2(num_classes=args.num_class, width_mult=args.width_mult, dropout=args.dropout)
-    start_epoch, start_step, best_acc1, metrics, ckpt = 0, 0, -1.0, [], None
-    resume_path, data = resolve_resume(args, context, log)
-    if data is not None and data.get("format") == CHECKPOINT_FORMAT:
-        ckpt = data
-        check_config(ckpt, args, resume_path)
-        load_state_checked(model, ckpt["model"], resume_path)
-        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-        best_acc1, metrics = float(ckpt.get("best_acc1", -1.0)), list(ckpt.get("metrics") or [])
-        log(f"resuming from {resume_path}: {start_epoch} epochs done"
-            + (f" + {start_step} steps" if start_step else ""))
-        if args.start_epoch is not None and args.start_epoch != start_epoch:
-            log(f"warning: --start-epoch {args.start_epoch} overrides the checkpoint's {start_epoch} epochs")
-            start_epoch, start_step = args.start_epoch, 0
-            metrics = [m for m in metrics if m["epoch"] <= start_epoch]
-    elif data is not None:
-        # Weights alone (the seed's `module.network.*` files, torchvision's, ...): the optimizer starts
-        # afresh and --start-epoch says where the schedule stands.
-        try:
-            weights = load_model(data, num_classes=args.num_class, width_mult=args.width_mult)
-        except WeightsError as e:
-            raise UsageError(f"{resume_path}: {e}") from None
-        load_state_checked(model, weights.state_dict(), resume_path)
-        start_epoch = args.start_epoch or 0
-        log(f"resuming weights from {resume_path} at epoch {start_epoch} (optimizer state starts afresh)")
-    if start_step and ckpt is not None:
-        saved = ckpt.get("args") or {}
-        if saved.get("batch_size") != args.batch_size or int(ckpt.get("world_size", 1)) != context.world_size:
-            log("warning: batch size or process count changed since the mid-epoch checkpoint; "
-                "restarting that epoch from its first step")
-            start_step = 0
-    if start_epoch >= args.num_epochs:
-        log(f"nothing to do: {start_epoch} epochs done, --num-epochs {args.num_epochs}")
+    checkpoint.seed_everything(args.seed)
+    model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult, dropout=args.dropout)
+    path, saved = find_resume(args.resume, save_path, context, log)
+    start = restore(model, path, saved, args.start_epoch, args.num_classes, args.width_mult, args.batch_size,
+                    data.train_images, context, log)
+    del saved
+    if start.epoch >= args.num_epochs:
+        log(f"nothing to do: {start.epoch} epochs done, --num-epochs {args.num_epochs}")
         return 0
-
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    if device.type == "cpu" and args.channels_last and args.fused_bn:
-        use_fused_batchnorm(model, log)
-    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    if ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:
-        load_state_checked(ema.module, ckpt["model_ema"], resume_path)
-    raw = model
-    if args.sync_bn and context.distributed:
-        raw = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if context.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-
-    optimizer = torch.optim.SGD(parameter_groups(raw, args.weight_decay, not args.no_decay_norm_bias),
-                                lr=args.lr, momentum=args.momentum, foreach=True)  # one fused update, also on CPU
-    amp_dtype = amp_dtype_for(args, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    schedule = LRSchedule(args.lr, args.num_epochs, args.lr_schedule, args.lr_gamma, args.warmup_epochs, args.min_lr)
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UsageError(f"{resume_path}: optimizer state does not fit ({e}); keep --no-decay-norm-bias "
-                             "as in the original run") from None
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    criterion = build_criterion(args.label_smoothing)
-    tensorboard = None
-    if context.is_main:
-        save_path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(save_path)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            tensorboard = SummaryWriter(save_path / "tensorboard")
-
-    log(f"MobileNetV2 width {args.width_mult:g}, {args.num_class} classes, {args.input_size} px | "
-        f"{len(train_set)} train / {len(val_set) if val_set is not None else 0} val images | "
-        f"{context.world_size} process(es) on {device.type}: global batch {args.batch_size} = "
-        f"{context.world_size} x {per_rank}, {steps_per_epoch} steps/epoch | "
-        f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, "
+    learner = build_learner(model, args, start, context, log)
+    tensorboard = open_outputs(save_path, args.tensorboard) if context.is_main else None
+    log(f"MobileNetV2 width {args.width_mult:g}, {args.num_classes} classes, {args.input_size} px | "
+        f"{data.train_images} train / {data.val_images} val images | {context.world_size} process(es) on "
+        f"{context.device.type}: global batch {args.batch_size} = {context.world_size} x {data.batch_per_rank}, "
+        f"{data.steps_per_epoch} steps/epoch | amp "
+        f"{str(learner.amp_dtype).replace('torch.', '') if learner.amp_dtype else 'off'}, "
         f"channels_last {args.channels_last}, compile {args.compile}")
 
-    for epoch in range(start_epoch, args.num_epochs):
-        if start_step:
-            restore_rng(ckpt["rng"])
-            meter = EpochMeter(**ckpt.get("partial", {}))
-        else:
-            seed_everything(epoch_seed(args.seed, epoch, context.rank))
-            meter = EpochMeter()
-        train_sampler.set_epoch(epoch, skip=start_step * per_rank)
-        progress = Progress(context.is_main, steps_per_epoch, start_step, f"epoch {epoch + 1}/{args.num_epochs}",
+    best_acc1, metrics, step = start.best_acc1, start.metrics, start.step
+    for epoch in range(start.epoch, args.num_epochs):
+        meter = begin_epoch(epoch, step, start.ckpt, data, args.seed, context)
+        progress = Progress(context.is_main, data.steps_per_epoch, step, f"epoch {epoch + 1}/{args.num_epochs}",
                             args.print_freq)
         try:
-            meter, step, stopped = train_one_epoch(
-                model, train_loader, criterion, optimizer, schedule, epoch, steps_per_epoch, device, context,
-                start_step=start_step, meter=meter, scaler=scaler, amp_dtype=amp_dtype,
-                channels_last=args.channels_last, ema=ema, stop=stop, max_nonfinite=args.max_nonfinite,
-                progress=progress, on_step=on_step, log=log)
+            meter, step, stopped = train_one_epoch(learner, data.train_loader, epoch, data.steps_per_epoch, context,
+                                                   start_step=step, meter=meter, stop=stop, progress=progress,
+                                                   on_step=on_step, log=log)
         finally:
             progress.close()
-        start_step = 0
-
-        def make_checkpoint(epochs_done, steps_done, partial=None):
-            return {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "model": cpu_state(raw), "model_ema": cpu_state(ema.module) if ema is not None else None,
-                "model_config": dict(raw.config),
-                "classes": {"order": classes.order, "wnids": list(classes.wnids), "names": list(classes.names)},
-                "data": {"input_size": args.input_size, "resize": args.resize, "interpolation": args.interpolation,
-                         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-                "epoch": epochs_done, "step": steps_done,
-                "optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "best_acc1": best_acc1, "rng": capture_rng(), "sampler": train_sampler.state_dict(),
-                "metrics": metrics, "partial": partial, "world_size": context.world_size,
-                "args": plain_args(args),
-            }
-
         if stopped:
-            name = signal.Signals(stop.signum).name
             if context.is_main:
-                write_checkpoint(make_checkpoint(epoch, step, asdict(meter)), [save_path / "last.pth"])
+                checkpoint.write(snapshot(learner, data, epoch, step, best_acc1, metrics, context.world_size, args,
+                                          asdict(meter)), [save_path / "last.pth"])
             distributed.barrier(context)
-            raise Preempted(stop.signum, f"stopped by {name} at epoch {epoch + 1} step {step}/{steps_per_epoch}; "
-                                         f"saved {save_path / 'last.pth'}, continue with --resume auto")
-
-        record = {"epoch": epoch + 1, "lr": schedule(epoch, steps_per_epoch - 1, steps_per_epoch),
-                  "train_loss": meter.loss, "train_top1": meter.top1, "val_loss": float("nan"),
-                  "val_top1": float("nan"), "val_top5": float("nan"), "ema_val_top1": None, "ema_val_top5": None,
-                  "images_per_s": meter.count / meter.seconds if meter.seconds else 0.0,
-                  "seconds": meter.seconds, "skipped_steps": meter.skipped, "failed_images": meter.failed}
-        if val_loader is not None:
-            val = evaluate(raw, val_loader, device, channels_last=args.channels_last,
-                           amp=amp_dtype is not None, progress=context.is_main and sys.stderr.isatty())
-            record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
-            if ema is not None:
-                val_ema = evaluate(ema.module, val_loader, device, channels_last=args.channels_last,
-                                   amp=amp_dtype is not None, progress=False)
-                record.update(ema_val_top1=val_ema["top1"], ema_val_top5=val_ema["top5"])
-        record["seconds"] = meter.seconds
+            raise Preempted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1} "
+                                         f"step {step}/{data.steps_per_epoch}; saved {save_path / 'last.pth'}, "
+                                         "continue with --resume auto")
+        step = 0
+        lr = learner.schedule(epoch, data.steps_per_epoch - 1, data.steps_per_epoch)
+        record = epoch_record(epoch + 1, lr, meter, validate(learner, data.val_loader,
+                                                             context.is_main and sys.stderr.isatty()))
         metrics.append(record)
-        is_best = val_loader is not None and record["val_top1"] > best_acc1
+        is_best = data.val_loader is not None and record["val_top1"] > best_acc1
         if is_best:
             best_acc1 = record["val_top1"]
-        log(f"epoch {epoch + 1}/{args.num_epochs} lr {record['lr']:.6f} train loss {meter.loss:.4f} "
-            f"top1 {meter.top1:.2f} | val loss {record['val_loss']:.4f} top1 {record['val_top1']:.2f} "
-            f"top5 {record['val_top5']:.2f}"
-            + (f" | ema top1 {record['ema_val_top1']:.2f}" if record["ema_val_top1"] is not None else "")
-            + f" | {record['images_per_s']:.0f} img/s, {meter.seconds:.0f} s")
-
+        log(epoch_line(record, args.num_epochs))
         if context.is_main:
-            paths = []
-            if (epoch + 1) % args.save_epoch_freq == 0 or epoch + 1 == args.num_epochs:
-                paths.append(save_path / f"epoch_{epoch + 1}.pth")
-            paths.append(save_path / "last.pth")
-            if is_best:
-                paths.append(save_path / "best.pth")
-            write_checkpoint(make_checkpoint(epoch + 1, 0), paths)
-            prune_epoch_files(save_path, args.keep_last, log)
-            try:
-                write_reports(metrics, save_path)
-            except OSError as e:
-                raise CheckpointError(f"could not write {e.filename or save_path}: {e.strerror or e}; epoch "
-                                      f"{epoch + 1} is saved in its checkpoint: free space, then --resume auto"
-                                      ) from None
-            if tensorboard is not None:
-                for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s"):
-                    tensorboard.add_scalar(key, record[key], epoch + 1)
-                tensorboard.flush()
-        # A signal during validation or saving: the epoch is complete and saved, so stop here.
-        votes = torch.tensor([float(stop.signum is not None)], device=device)
-        if distributed.all_reduce_sum(votes, context).item():
-            distributed.barrier(context)
-            signum = stop.signum or signal.SIGTERM
-            raise Preempted(signum, f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "
-                                    f"continue with --resume auto")
-        distributed.barrier(context)
+            save_epoch(snapshot(learner, data, epoch + 1, 0, best_acc1, metrics, context.world_size, args),
+                       save_path, epoch + 1, epoch + 1 == args.num_epochs, args.save_epoch_freq, is_best,
+                       args.keep_last, metrics, log)
+            log_tensorboard(tensorboard, record)
+        stop_if_asked(stop, epoch, context)
 
     if tensorboard is not None:
         tensorboard.close()
@@ -1071,70 +814,84 @@ def train(args, context, stop, on_step=None):
     return 0
 
 
-def ensure_demo_data(args, log=print):
-    root = Path(args.data_dir)
+def open_outputs(save_path, tensorboard):
+    """Create the output directory (rank 0); a TensorBoard writer when asked for."""
+    save_path.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temporaries(save_path)
+    if not tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(save_path / "tensorboard")
+
+
+def begin_epoch(epoch, start_step, ckpt, data, seed, context):
+    """Seed the epoch's random streams (or restore them mid-epoch), position the sampler; the meter."""
+    if start_step and ckpt is not None and int(ckpt.get("step", 0)):
+        if int(ckpt.get("world_size", 1)) == context.world_size:
+            checkpoint.restore_rng(ckpt["rng"])
+        else:
+            checkpoint.seed_everything(epoch_seed(seed, epoch, context.rank) + start_step)
+        meter = EpochMeter(**ckpt.get("partial", {}))
+    else:
+        checkpoint.seed_everything(epoch_seed(seed, epoch, context.rank))
+        meter = EpochMeter()
+    data.sampler.set_epoch(epoch, skip=start_step * data.batch_per_rank)
+    return meter
+
+
+def log_tensorboard(tensorboard, record):
+    if tensorboard is None:
+        return
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s"):
+        tensorboard.add_scalar(key, record[key], record["epoch"])
+    tensorboard.flush()
+
+
+def stop_if_asked(stop, epoch, context):
+    """A signal during validation or saving: the epoch is complete and saved, so stop here (all ranks)."""
+    votes = torch.tensor([float(stop.signum is not None)], device=context.device)
+    if distributed.all_reduce_sum(votes, context).item():
+        distributed.barrier(context)
+        signum = stop.signum or signal.SIGTERM
+        raise Preempted(signum, f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "
+                                "continue with --resume auto")
+    distributed.barrier(context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def ensure_demo_data(data_dir, seed, log=print):
+    root = Path(data_dir)
     if not (root / "ILSVRC2012_img_train").is_dir():
         log(f"building the demo dataset in {root} ...")
-        make_demo(root, seed=args.seed)
+        make_demo(root, seed=seed)
     return root
-
-
-def _own_message(error):
-    """The error's one-line message; raised in a DataLoader worker, it arrives wrapped in that worker's
-    traceback, with the original message on the last line."""
-    text = str(error).strip()
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
 
 
 def _guarded(args, on_step=None):
     """run() with the job's errors turned into one line and an exit code (also inside spawned ranks)."""
-    prefix = "train.py: error: "
+    prefix = None
     if distributed.launched_by_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         prefix = f"train.py: error (rank {os.environ.get('RANK')}): "
     try:
         return run(args, on_step)
-    except UsageError as e:
-        print(prefix + str(e), file=sys.stderr, flush=True)
-        return 2
     except Preempted as e:
-        print(f"train.py: {e}", file=sys.stderr, flush=True)
-        return 128 + e.signum
-    except (TrainingError, WeightsError, DataError) as e:
-        print(prefix + _own_message(e), file=sys.stderr, flush=True)
-        return 1
-    except dist.DistError as e:
-        print(prefix + f"lost contact with another process of the job ({str(e).splitlines()[0]}); "
-              "its own error is reported above", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as e:
-        if any(sign in str(e) for sign in PEER_LOST):
-            reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # drop the source path
-            print(prefix + f"lost contact with another process of the job ({reason}); its own error is "
-                  "reported above", file=sys.stderr, flush=True)
-            return 1
-        if "DataLoader worker" in str(e):
-            print(prefix + f"a data loader process died ({str(e).splitlines()[0]}); "
-                  "check memory and the data, then --resume auto", file=sys.stderr, flush=True)
-            return 1
-        raise
+        return cli.report(e, "train.py", prefix="train.py: ")
+    except cli.ScriptError as e:
+        return cli.report(e, "train.py", prefix)
 
 
 def main(args, on_step=None):
     """Entry point; `on_step(epoch, step, indices)` is called after every training step (tests use it)."""
     try:
-        args = resolve_args(args)
+        args = check_args(args)
         device_type = distributed.resolve_device_type(args.device)
-    except (UsageError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if args.demo and not distributed.launched_by_launcher():
-        try:
-            ensure_demo_data(args)
-        except DataError as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            sys.exit(1)
+        if args.demo and not distributed.launched_by_launcher():
+            ensure_demo_data(args.data_dir, args.seed)
+    except cli.ScriptError as e:
+        sys.exit(cli.report(e, "train.py"))
     code = distributed.launch(functools.partial(_guarded, on_step=on_step), args, device_type)
     if code:
         sys.exit(code)

@@ -23,9 +23,11 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from MobileNetV2 import MobileNetV2, load_model  # noqa: E402
-from evaluate import (EvaluationError, evaluate, export_onnx, inference_model, maybe_compile,  # noqa: E402
-                      prepare_for_inference)
+from evaluate import evaluate  # noqa: E402
+from inference import (InferenceError, export_onnx, inference_model, maybe_compile,  # noqa: E402
+                       prepare_for_inference)
+from MobileNetV2 import MobileNetV2  # noqa: E402
+from weights import load_model  # noqa: E402
 from read_ImageNetData import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
 
 
@@ -159,7 +161,7 @@ def onnx_latency(model=None, image_size=224, runs=30, log=print):
         path = Path(tmp) / "model.onnx"
         try:
             diff = export_onnx(model, path, input_size=image_size)
-        except EvaluationError as e:
+        except InferenceError as e:
             log(f"{e}: no ONNX latency row")
             return None
         options = onnxruntime.SessionOptions()

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
+import optimization  # noqa: E402
 import train  # noqa: E402
 from MobileNetV2 import MobileNetV2  # noqa: E402
 from read_ImageNetData import normalize  # noqa: E402
@@ -67,14 +68,15 @@ def build_loop(kind, device, batch_size, input_size, steps, num_classes, amp_dty
     model = MobileNetV2(num_classes=num_classes).to(device, memory_format=torch.channels_last)
     if device.type == "cpu":  # as train.py sets up a CPU run
         train.use_fused_batchnorm(model, log=lambda *a: None)
-    optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.045, momentum=0.9, foreach=True)
+    optimizer = optimization.build_optimizer(model, lr=0.045)
+    raw = model
     if kind == "ours compiled":
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    return lambda: train.train_one_epoch(model, data, torch.nn.CrossEntropyLoss(), optimizer,
-                                         train.LRSchedule(0.045, 1), 0, len(data), device,
-                                         distributed.Context(device=device), scaler=scaler, amp_dtype=amp_dtype,
-                                         channels_last=True, log=lambda *a: None)
+    learner = train.Learner(model, raw, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.045, 1),
+                            device, scaler=scaler, amp_dtype=amp_dtype, channels_last=True)
+    return lambda: train.train_one_epoch(learner, data, 0, len(data), distributed.Context(device=device),
+                                         log=lambda *a: None)
 
 
 def _seconds(fn, device):

@@ -43,7 +43,10 @@ import bench_train  # noqa: E402
 import distributed  # noqa: E402
 import read_ImageNetData as data  # noqa: E402
 import train  # noqa: E402
-from evaluate import evaluate, prepare_for_inference  # noqa: E402
+import checkpoint  # noqa: E402
+import optimization  # noqa: E402
+from evaluate import evaluate  # noqa: E402
+from inference import prepare_for_inference  # noqa: E402
 from MobileNetV2 import MobileNetV2  # noqa: E402
 
 SECTIONS = ("data", "train", "eval", "onnx", "epoch", "loader", "decode")
@@ -139,18 +142,20 @@ def demo_epoch_rows(s, device, num_workers=0, seed=0):
                                                 pin_memory=device.type == "cuda", persistent_workers=False,
                                                 drop_last=True))
         steps = len(train_set) // d["batch_size"]
-        train.seed_everything(seed)
+        checkpoint.seed_everything(seed)
         model = MobileNetV2(num_classes=len(classes.wnids), width_mult=d["width_mult"])
         model = model.to(device, memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=d["lr"], momentum=0.9, foreach=True)
+        optimizer = optimization.build_optimizer(model, lr=d["lr"])
         amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
             if device.type == "cuda" else None
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        schedule = train.LRSchedule(d["lr"], d["num_epochs"], d["lr_schedule"], warmup_epochs=d["warmup_epochs"])
+        schedule = optimization.LRSchedule(d["lr"], d["num_epochs"], d["lr_schedule"],
+                                           warmup_epochs=d["warmup_epochs"])
+        learner = train.Learner(model, model, optimization.build_criterion(), optimizer, schedule, device,
+                                scaler=scaler, amp_dtype=amp_dtype)
         start = time.perf_counter()
-        meter, done, _ = train.train_one_epoch(model, loader, train.build_criterion(), optimizer, schedule, 0, steps,
-                                               device, distributed.Context(device=device), scaler=scaler,
-                                               amp_dtype=amp_dtype, log=lambda *a: None)
+        meter, done, _ = train.train_one_epoch(learner, loader, 0, steps, distributed.Context(device=device),
+                                               log=lambda *a: None)
         seconds = time.perf_counter() - start
     note = (f"{done} steps of {d['batch_size']} x {d['input_size']} px, width {d['width_mult']}, "
             f"{num_workers} workers, {meter.count / seconds:.0f} img/s, {seconds - loader.wait:.1f} s computing")
@@ -220,17 +225,18 @@ def loader_rows_cuda(images, s, device, workers, synthetic):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         for w in workers:
             model = MobileNetV2().to(device, memory_format=torch.channels_last)
-            optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.045, momentum=0.9, foreach=True)
+            optimizer = optimization.build_optimizer(model, lr=0.045)
             sampler = data.TrainSampler(n, seed=0)
             sampler.set_epoch(0)
             loader = data.build_loader(dataset, batch, sampler, num_workers=w, pin_memory=True,
                                        persistent_workers=False, drop_last=True)
             stamps = []
-            train.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, train.LRSchedule(0.045, 1),
-                                  0, n // batch, device, distributed.Context(device=device),
-                                  scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
-                                  amp_dtype=dtype, log=lambda *a: None,
-                                  on_step=lambda *a: stamps.append(time.perf_counter()))
+            learner = train.Learner(model, model, torch.nn.CrossEntropyLoss(), optimizer,
+                                    optimization.LRSchedule(0.045, 1), device,
+                                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+                                    amp_dtype=dtype)
+            train.train_one_epoch(learner, loader, 0, n // batch, distributed.Context(device=device),
+                                  log=lambda *a: None, on_step=lambda *a: stamps.append(time.perf_counter()))
             # From the end of step 2 on: worker start-up and cuDNN autotuning are paid once per run, not per step.
             speed = batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
             rows[f"training, real loader, {w} workers (cuda)"] = _row(

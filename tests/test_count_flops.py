@@ -7,7 +7,7 @@ import torch
 
 import count_flops
 from MobileNetV2 import MobileNetV2
-from conftest import RunsCode
+from helpers import RunsCode
 
 
 @pytest.fixture(scope="module")

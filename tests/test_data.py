@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import stats
 
 import read_ImageNetData as data
-from conftest import fake_synsets, write_jpeg, write_meta_mat
+from helpers import fake_synsets, write_jpeg, write_meta_mat
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,11 +15,13 @@ from PIL import Image
 from torch import nn
 
 import evaluate as ev
+import inference
+import weights
 from MobileNetV2 import MobileNetV2
 from read_ImageNetData import (EvalSampler, eval_transform, find_layout, list_samples, make_demo, normalize,
                                read_classes)
-from test_model import LAYOUTS as PUBLIC_LAYOUTS  # each public layout written independently of the loader
-from conftest import RunsCode
+from helpers import LAYOUTS as PUBLIC_LAYOUTS  # each public layout written independently of the loader
+from helpers import RunsCode
 
 SIZE, RESIZE = 32, 36  # tiny images keep every end-to-end run well under a second
 PRE = ["--resize", str(RESIZE), "--crop", str(SIZE)]
@@ -222,10 +224,10 @@ def test_prepare_for_inference_folds_every_batchnorm_and_keeps_logits_within_1e4
     from bench.bench_eval import random_model  # BatchNorm statistics far from the identity
     model = random_model(width_mult=width)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast = ev.prepare_for_inference(model, input_size=SIZE, batch_size=4)
+    fast = inference.prepare_for_inference(model, input_size=SIZE, batch_size=4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     if torch.backends.mkldnn.is_available():
-        assert sum(isinstance(m, ev.PackedConv2d) for m in fast.modules()) == 52
+        assert sum(isinstance(m, inference.PackedConv2d) for m in fast.modules()) == 52
     x = torch.randn(3, 3, 48, 48)  # another batch and size than it was packed for
     with torch.inference_mode():
         got = fast(x.contiguous(memory_format=torch.channels_last))
@@ -310,7 +312,7 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
     monkeypatch.setattr(torch, "compile", broken)
     model, messages = nn.Linear(4, 3), []
-    assert ev.maybe_compile(model, torch.randn(2, 4), messages.append) is model
+    assert inference.maybe_compile(model, torch.randn(2, 4), messages.append) is model
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
 
 
@@ -482,7 +484,7 @@ def test_onnx_and_torchscript_exports_pass_their_parity_check(trained, tmp_path)
 
 
 def test_an_export_that_disagrees_fails(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ev, "export_torchscript", lambda *a, **k: 3e-3)
+    monkeypatch.setattr(inference, "export_torchscript", lambda *a, **k: 3e-3)
     code, err = error_of(capsys, "--weights", trained["path"], "--export-torchscript", tmp_path / "m.pt")
     assert code == 1 and len(err) == 1 and "3.00e-03" in err[0]
 
@@ -529,7 +531,7 @@ def test_named_weights_are_checksum_verified_and_recognised(trained, tmp_path, m
     served = tmp_path / "served.pth"
     served.write_bytes(trained["path"].read_bytes())
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
-    monkeypatch.setattr(ev, "_torchvision_url", lambda entry: served.as_uri())
+    monkeypatch.setattr(weights, "_torchvision_url", lambda entry: served.as_uri())
     store = tmp_path / "pretrained"
     entry = ev.KNOWN_WEIGHTS["torchvision-v2"]
 

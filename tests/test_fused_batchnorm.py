@@ -14,7 +14,6 @@ import fused_batchnorm
 import train
 from fused_batchnorm import FusedBatchNorm2d
 from MobileNetV2 import MobileNetV2, ReLU6
-from read_ImageNetData import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,8 +124,8 @@ def test_inputs_the_kernel_does_not_cover_run_pytorchs_layers(case):
     assert torch.equal(fused.running_mean, reference[0].running_mean)
 
 
-def test_train_py_uses_the_kernel_on_the_cpu_and_can_be_told_not_to(kernel, tmp_path, capsys):
-    data = make_demo(tmp_path / "demo", seed=0, train_per_class=2, val_per_class=1, image_size=32)
+def test_train_py_uses_the_kernel_on_the_cpu_and_can_be_told_not_to(kernel, demo_data, tmp_path, capsys):
+    data = demo_data
     common = ["--data-dir", str(data), "--batch-size", "8", "--num-epochs", "1", "--width-mult", "0.25",
               "--input-size", "32", "--num-workers", "0", "--device", "cpu"]
     train.main(train.get_args_parser().parse_args(common + ["--save-path", str(tmp_path / "a")]))
@@ -135,8 +134,8 @@ def test_train_py_uses_the_kernel_on_the_cpu_and_can_be_told_not_to(kernel, tmp_
     assert "fused" not in capsys.readouterr().out
 
 
-def test_without_a_compiler_training_goes_on_with_a_note(tmp_path):
-    data = make_demo(tmp_path / "demo", seed=0, train_per_class=2, val_per_class=1, image_size=32)
+def test_without_a_compiler_training_goes_on_with_a_note(demo_data, tmp_path):
+    data = demo_data
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), CXX=str(tmp_path / "no-such-compiler"))
     proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(data), "--save-path", str(tmp_path / "out"),
                            "--batch-size", "8", "--num-epochs", "1", "--width-mult", "0.25", "--input-size", "32",

@@ -1,14 +1,15 @@
 """The network against the paper's and torchvision's published facts, and the weight-file loader."""
-import re
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from conftest import RunsCode
-from MobileNetV2 import (STAGES, MobileNetV2, ReLU6, WeightsError, checkpoint_digest, global_average_pool,
-                         load_model, read_weights, to_torchvision_keys)
+from helpers import LAYOUTS, RunsCode, to_dli14, to_seed, to_timm
+from checkpoint import WeightsError, read_weights
+from checkpoint import digest as checkpoint_digest
+from MobileNetV2 import STAGES, MobileNetV2, ReLU6, global_average_pool
+from weights import load_model, to_torchvision_keys
 
 TORCHVISION_PARAMS = {0.35: 1_677_128, 0.5: 1_968_680, 0.75: 2_636_424, 1.0: 3_504_872, 1.4: 6_108_776}
 
@@ -120,93 +121,6 @@ def test_global_pooling_equals_adaptive_pooling_and_keeps_the_gradient_layout(me
 
 
 # ---- public weight layouts, each written independently of the loader's own mapping ---------------
-
-def _flat_from_torchvision(key, block_prefix):
-    """torchvision block key -> the flat Sequential numbering of the older repos."""
-    m = re.fullmatch(r"features\.(\d+)\.conv\.(.+)", key)
-    if not m:
-        return None
-    index, rest = int(m.group(1)), m.group(2)
-    if index == 1:  # t == 1: dw(0) bn(1) relu(2) pw-linear(3) bn(4)
-        table = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
-    else:           # pw(0) bn(1) relu(2) dw(3) bn(4) relu(5) pw-linear(6) bn(7)
-        table = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
-    for old, new in table.items():
-        if rest.startswith(old + "."):
-            return f"{block_prefix}.{index}.conv.{new}.{rest[len(old) + 1:]}"
-    raise AssertionError(key)
-
-
-def to_seed(sd):
-    out = {}
-    for k, v in sd.items():
-        new = _flat_from_torchvision(k, "network")
-        if new is None:
-            new = k.replace("features.", "network.").replace("classifier.1.", "classifier.")
-        out["module." + new] = v
-    return out
-
-
-def to_tonylins(sd, bare_linear=True):
-    out = {}
-    for k, v in sd.items():
-        new = _flat_from_torchvision(k, "features") or k
-        if bare_linear:
-            new = new.replace("classifier.1.", "classifier.")
-        out[new] = v
-    return out
-
-
-def to_dli14(sd):
-    out = {}
-    for k, v in sd.items():
-        new = _flat_from_torchvision(k, "features") or k
-        new = new.replace("features.18.", "conv.").replace("classifier.1.", "classifier.")
-        out[new] = v
-    return out
-
-
-def to_timm(sd):
-    names = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"}
-    first = {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
-    starts = []  # feature index of each stage's first block
-    index = 1
-    for _, _, n, _ in STAGES:
-        starts.append(index)
-        index += n
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("features.0."):
-            new = k.replace("features.0.0.", "conv_stem.").replace("features.0.1.", "bn1.")
-        elif k.startswith("features.18."):
-            new = k.replace("features.18.0.", "conv_head.").replace("features.18.1.", "bn2.")
-        elif k.startswith("classifier.1."):
-            new = k.replace("classifier.1.", "classifier.")
-        else:
-            m = re.fullmatch(r"features\.(\d+)\.conv\.(\d(?:\.\d)?)\.(\w+)", k)
-            i = int(m.group(1))
-            stage = max(s for s in range(len(starts)) if starts[s] <= i)
-            table = first if i == 1 else names
-            new = f"blocks.{stage}.{i - starts[stage]}.{table[m.group(2)]}.{m.group(3)}"
-        out[new] = v
-    return out
-
-
-def _compile_prefix(sd):
-    return {"_orig_mod." + k: v for k, v in sd.items()}
-
-
-LAYOUTS = {
-    "torchvision": lambda sd: sd,
-    "torchvision under module._orig_mod.": lambda sd: {"module." + k: v for k, v in _compile_prefix(sd).items()},
-    "seed": to_seed,
-    "tonylins": to_tonylins,
-    "tonylins with classifier.1": lambda sd: to_tonylins(sd, bare_linear=False),
-    "d-li14": to_dli14,
-    "timm": to_timm,
-    "timm inside a training checkpoint": lambda sd: {"state_dict": to_timm(sd), "epoch": 3},
-}
-
 
 @pytest.fixture(scope="module")
 def reference():

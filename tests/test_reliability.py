@@ -7,7 +7,6 @@ documented outcome (a result, a counted failure, or one line and a non-zero exit
 The scenarios the other test files already prove (atomic checkpoints, exact resume, preemption, DDP,
 retention, non-finite losses) are not repeated here; README.md lists which test proves which promise.
 """
-import builtins
 import errno
 import io
 import logging
@@ -16,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -27,8 +27,10 @@ from PIL import Image
 import count_flops
 import evaluate as ev
 import read_ImageNetData as data
+import checkpoint
+import outputs
 import train
-from conftest import RunsCode, fake_synsets, write_jpeg, write_meta_mat
+from helpers import RunsCode, fake_synsets, one_line, run_script, write_jpeg, write_meta_mat
 from MobileNetV2 import MobileNetV2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,16 +44,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return data.make_demo(tmp_path_factory.mktemp("demo"), seed=0, train_per_class=4, val_per_class=1,
-                          image_size=SIZE)
+def demo(demo_data):
+    return demo_data
 
 
 @pytest.fixture(scope="module")
 def trained(demo, tmp_path_factory):
     """The save folder of a 1-epoch run: epoch_1.pth, last.pth, best.pth (checkpoints with their sha256)."""
     out = tmp_path_factory.mktemp("trained")
-    assert command_line(train, "--data-dir", demo, "--save-path", out, *TRAIN_FLAGS)[0] == 0
+    assert run_script(train, "--data-dir", demo, "--save-path", out, *TRAIN_FLAGS)[0] == 0
     return out
 
 
@@ -62,32 +63,6 @@ def bare_weights(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(MobileNetV2(width_mult=0.25).state_dict(), path)
     return path
-
-
-def command_line(module, *argv):
-    """(exit code, stderr, stdout) of `python <module>.py argv`, run in this process as its last line does:
-    main(get_args_parser().parse_args(argv)). Any other exception would have been a traceback: it propagates
-    and fails the test."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    real = sys.argv, sys.stdout, sys.stderr
-    sys.argv, sys.stdout, sys.stderr = [f"{module.__name__}.py"], stdout, stderr  # argparse's prog, as the shell
-    try:
-        module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv, sys.stdout, sys.stderr = real
-    err = stderr.getvalue()
-    if isinstance(code, str):  # sys.exit("message"): the interpreter prints it and exits with 1
-        err, code = err + code + "\n", 1
-    return code or 0, err, stdout.getvalue()
-
-
-def one_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def flip_a_weight_bit(path):
@@ -114,20 +89,20 @@ def damaged_copy(source, target, damage):
 @pytest.mark.parametrize("damage", ["truncated", "empty", "bitflip"])
 def test_damaged_weights_stop_count_flops_with_one_line_naming_the_file(damage, trained, tmp_path):
     bad = damaged_copy(trained / "last.pth", tmp_path / f"{damage}.pth", damage)
-    code, err, out = command_line(count_flops, "--weights", bad, "--input-size", SIZE)
+    code, err, out = run_script(count_flops, "--weights", bad, "--input-size", SIZE)
     assert code == 1 and str(bad) in one_line(err) and out == ""
 
 
 def test_bit_flipped_checkpoint_stops_evaluate_with_one_line(trained, demo, tmp_path):
     bad = damaged_copy(trained / "last.pth", tmp_path / "flipped.pth", "bitflip")
-    code, err, out = command_line(ev, "--weights", bad, "--data-dir", demo, "--num-workers", 0, "--no-progress")
+    code, err, out = run_script(ev, "--weights", bad, "--data-dir", demo, "--num-workers", 0, "--no-progress")
     line = one_line(err)
     assert code == 1 and str(bad) in line and "checksum" in line and "top-1" not in out
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("script", ["evaluate.py", "count_flops.py", "train.py"])
-def test_bit_flipped_checkpoint_is_one_line_on_each_real_command_line(script, trained, demo, tmp_path):
+def test_bit_flipped_checkpoint_is_one_line_on_each_real_run_script(script, trained, demo, tmp_path):
     bad = damaged_copy(trained / "last.pth", tmp_path / "flipped.pth", "bitflip")
     argv = {"evaluate.py": ["--weights", bad, "--data-dir", demo, "--num-workers", "0", "--device", "cpu"],
             "count_flops.py": ["--weights", bad],
@@ -165,7 +140,7 @@ def test_code_in_a_weight_file_never_runs_from_any_command(tool, zip_format, dem
         "train --resume auto": (train, ["--data-dir", demo, "--save-path", save_path, *TRAIN_FLAGS,
                                         "--resume", "auto"]),
     }[tool]
-    code, err, out = command_line(module, *argv)
+    code, err, out = run_script(module, *argv)
     line = one_line(err)
     assert code == 1 and not marker.exists()
     if tool == "train --resume auto":  # the only candidate was skipped, with a note saying why
@@ -180,18 +155,20 @@ def test_code_in_a_weight_file_never_runs_from_any_command(tool, zip_format, dem
 
 
 def test_disk_full_while_writing_reports_is_one_line_and_the_checkpoint_resumes(demo, tmp_path, monkeypatch):
-    def full_disk_for_reports(file, *args, **kwargs):
-        if "metrics" in str(file):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return builtins.open(file, *args, **kwargs)
+    real_mkstemp = tempfile.mkstemp
 
-    monkeypatch.setattr(train, "open", full_disk_for_reports, raising=False)
-    code, err, _ = command_line(train, "--data-dir", demo, "--save-path", tmp_path, *TRAIN_FLAGS)
+    def full_disk_for_reports(*args, **kwargs):
+        if "metrics" in kwargs.get("prefix", ""):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), kwargs["prefix"])
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", full_disk_for_reports)
+    code, err, _ = run_script(train, "--data-dir", demo, "--save-path", tmp_path, *TRAIN_FLAGS)
     monkeypatch.undo()
     line = one_line(err)
     assert code == 1 and "metrics.csv" in line and "No space left" in line
-    assert train.read_checkpoint(tmp_path / "last.pth")["epoch"] == 1  # saved before the reports, intact
-    path, ckpt = train.find_resume_checkpoint(tmp_path, log=lambda *a: None)
+    assert checkpoint.read(tmp_path / "last.pth")["epoch"] == 1  # saved before the reports, intact
+    path, ckpt = checkpoint.find_latest(tmp_path, log=lambda *a: None)
     assert ckpt["epoch"] == 1
 
 
@@ -315,7 +292,7 @@ def test_train_run_replaces_logs_and_counts_bad_files(demo, tmp_path, caplog):
     for path, kind in bad.items():
         write_bad(Path(path), kind)
     with caplog.at_level(logging.WARNING, logger="read_ImageNetData"):
-        code, err, _ = command_line(train, "--data-dir", root, "--save-path", tmp_path / "out", *TRAIN_FLAGS)
+        code, err, _ = run_script(train, "--data-dir", root, "--save-path", tmp_path / "out", *TRAIN_FLAGS)
     assert code == 0, err
     ckpt = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
     assert ckpt["metrics"][0]["failed_images"] == len(bad)  # each bad file met once, and counted
@@ -330,7 +307,7 @@ def test_train_on_only_unreadable_images_stops_with_one_line(workers, fake_image
     for path, _ in info["train"]:
         path.write_bytes(b"")
     flags = [*TRAIN_FLAGS, "--batch-size", "2", "--num-workers", str(workers)]
-    code, err, _ = command_line(train, "--data-dir", info["root"], "--save-path", tmp_path / "out", *flags)
+    code, err, _ = run_script(train, "--data-dir", info["root"], "--save-path", tmp_path / "out", *flags)
     lines = [line for line in err.strip().splitlines() if not line.startswith("unreadable image")]
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("train.py: error:") and "in a row failed" in lines[0] and "--check" in lines[0]
@@ -450,7 +427,7 @@ def test_devkit_fault_is_one_line_from_each_command(fault, tool, fake_imagenet_f
                           "--no-progress", "--resize", RESIZE, "--crop", SIZE]),
         "train": (train, ["--data-dir", info["root"], "--save-path", tmp_path / "out", *TRAIN_FLAGS]),
     }[tool]
-    code, err, out = command_line(module, *argv)
+    code, err, out = run_script(module, *argv)
     line = one_line(err)
     assert code == 1 and needle in line and "error" in line
     assert "top-1" not in out and not (tmp_path / "out" / "last.pth").exists()
@@ -483,6 +460,6 @@ def test_wrong_flag_value_is_one_argparse_line_and_exit_2(tool, flags, flag, bar
                     "count_flops": (count_flops, []),
                     "read_ImageNetData": (data, ["--data-dir", demo])}[tool]
     flags = [f.format(missing=tmp_path / "missing", weights=bare_weights) for f in flags]
-    code, err, out = command_line(module, *base, *flags)
+    code, err, out = run_script(module, *base, *flags)
     line = one_line(err)
     assert code == 2 and line.startswith(f"{tool}.py: error:") and flag in line and out == ""

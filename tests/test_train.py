@@ -20,8 +20,14 @@ import pytest
 import torch
 
 import train
-from MobileNetV2 import MobileNetV2, checkpoint_digest, load_model, to_torchvision_keys
-from read_ImageNetData import TrainSampler, make_demo, normalize
+import checkpoint
+import optimization
+import helpers
+import outputs
+from checkpoint import digest as checkpoint_digest
+from MobileNetV2 import MobileNetV2
+from weights import load_model, to_torchvision_keys
+from read_ImageNetData import TrainSampler, normalize
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 40  # 10 classes x 4
@@ -31,8 +37,8 @@ TIMING = ("seconds", "images_per_s")
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("demo"), seed=0, train_per_class=4, val_per_class=1, image_size=32)
+def data(demo_data):
+    return demo_data
 
 
 def parse(data, out, *extra):
@@ -43,16 +49,10 @@ def parse(data, out, *extra):
 
 
 def run_main(args, on_step=None):
-    """main() in this process; returns the exit code (0 when it returns normally)."""
-    try:
-        train.main(args, on_step=on_step)
-    except SystemExit as e:
-        return e.code
-    return 0
+    return helpers.run_main(train, args, on_step=on_step)
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+load = helpers.load_checkpoint
 
 
 def without_timing(metrics):
@@ -166,7 +166,7 @@ def test_resume_is_bit_exact(data, two_epochs, tmp_path):
     assert run_main(parse(data, tmp_path, *extra)) == 0
     assert run_main(parse(data, tmp_path, *extra, "--num-epochs", "2", "--resume", str(tmp_path / "last.pth"))) == 0
     resumed, straight = load(tmp_path / "last.pth"), load(two_epochs / "last.pth")
-    for key in ("model", "model_ema", "optimizer", "lr_scheduler", "epoch", "step", "best_acc1", "sampler"):
+    for key in ("model", "model_ema", "optimizer", "epoch", "step", "best_acc1", "sampler"):
         assert_same_tensors(resumed[key], straight[key])  # tolerance 0
     assert without_timing(resumed["metrics"]) == without_timing(straight["metrics"])
 
@@ -233,7 +233,7 @@ def test_resume_auto_skips_corrupt_newest(data, two_epochs, tmp_path, capsys):
     with open(tmp_path / "epoch_2.pth", "r+b") as f:                            # truncated
         f.truncate(size // 3)
     (tmp_path / "best.pth").write_bytes(b"")                                    # zero bytes
-    path, ckpt = train.find_resume_checkpoint(tmp_path, log=print)
+    path, ckpt = checkpoint.find_latest(tmp_path, log=print)
     assert path.name == "epoch_1.pth" and ckpt["epoch"] == 1
     notes = capsys.readouterr().out
     assert all(name in notes for name in ("last.pth", "epoch_2.pth", "best.pth"))
@@ -305,7 +305,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, monkey
     assert len(err) == 1 and "epoch_2.pth" in err[0] and "No space left" in err[0]
     assert (tmp_path / "last.pth").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp-*")) and not (tmp_path / "epoch_2.pth").exists()
-    path, ckpt = train.find_resume_checkpoint(tmp_path)
+    path, ckpt = checkpoint.find_latest(tmp_path)
     assert ckpt["epoch"] == 1
 
 
@@ -347,19 +347,19 @@ def test_keep_last_deletes_only_after_successor_is_written(data, tmp_path, monke
     monkeypatch.setattr(os, "fsync", full)
     assert run_main(parse(data, tmp_path, "--num-epochs", "4", "--keep-last", "1", "--resume", "auto")) == 1
     monkeypatch.undo()
-    assert (tmp_path / "epoch_3.pth").is_file() and train.read_checkpoint(tmp_path / "epoch_3.pth")["epoch"] == 3
+    assert (tmp_path / "epoch_3.pth").is_file() and checkpoint.read(tmp_path / "epoch_3.pth")["epoch"] == 3
 
 
 def test_atomic_write_never_leaves_a_mix(tmp_path, monkeypatch):
     target = tmp_path / "last.pth"
-    train.atomic_write(b"old", target)
+    outputs.atomic_write(target, b"old")
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(train.CheckpointError, match=re.escape(str(target))):
-        train.atomic_write(b"new" * 1000, target)
+    with pytest.raises(outputs.OutputError, match=re.escape(str(target))):
+        outputs.atomic_write(target, b"new" * 1000)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
@@ -397,7 +397,7 @@ class NanAt:
 
 
 def test_one_nan_loss_is_skipped_and_training_goes_on(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "build_criterion", lambda label_smoothing=0.0: NanAt({2}))
+    monkeypatch.setattr(optimization, "build_criterion", lambda label_smoothing=0.0: NanAt({2}))
     assert run_main(parse(data, tmp_path)) == 0
     ckpt = load(tmp_path / "last.pth")
     assert ckpt["metrics"][0]["skipped_steps"] == 1
@@ -407,7 +407,7 @@ def test_one_nan_loss_is_skipped_and_training_goes_on(data, tmp_path, monkeypatc
 def test_nan_losses_in_a_row_stop_cleanly_keeping_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     assert run_main(parse(data, tmp_path)) == 0
     good = (tmp_path / "last.pth").read_bytes()
-    monkeypatch.setattr(train, "build_criterion", lambda label_smoothing=0.0: NanAt(range(2, 100)))
+    monkeypatch.setattr(optimization, "build_criterion", lambda label_smoothing=0.0: NanAt(range(2, 100)))
     code = run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto", "--max-nonfinite", "3"))
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -420,7 +420,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with torch.no_grad():
         model.classifier[1].weight[0, 0] = float("nan")
     with pytest.raises(train.CheckpointError, match="NaN"):
-        train.write_checkpoint({"model": model.state_dict(), "model_ema": None}, [tmp_path / "last.pth"])
+        checkpoint.write({"model": model.state_dict(), "model_ema": None}, [tmp_path / "last.pth"])
     assert not list(tmp_path.iterdir())
 
 
@@ -470,10 +470,33 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 
 def test_demo_settings_apply_and_explicit_flags_win():
-    args = train.resolve_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
+    args = train.check_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
     assert args.num_epochs == 2  # given explicitly
     assert (args.input_size, args.save_path, args.device) == (64, "output/demo", "cpu")
     assert args.data_dir == "output/demo/data" and args.resize == 73
+
+
+@pytest.mark.parametrize("flag, value, attribute", [("--lr", "0.045", "lr"), ("--hflip", "0.5", "hflip"),
+                                                    ("--crop-scale-min", "0.08", "crop_scale_min")])
+def test_a_flag_given_with_the_plain_default_value_still_wins_over_demo(flag, value, attribute):
+    parser = train.get_args_parser()
+    assert parser.get_default(attribute) == float(value) != train.DEMO_SETTINGS[attribute]
+    args = parser.parse_args(["--demo", flag, value])
+    assert getattr(args, attribute) == float(value)
+    assert parser.parse_args(["--demo"]).__dict__[attribute] == train.DEMO_SETTINGS[attribute]
+    assert parser.get_default(attribute) == float(value)  # the parser's own defaults are left as they were
+
+
+@pytest.mark.parametrize("script, old, new, attribute", [
+    ("train", "--num-class", "--num-classes", "num_classes"), ("train", "--workers", "--num-workers", "num_workers"),
+    ("train", "--epochs", "--num-epochs", "num_epochs"), ("evaluate", "--crop", "--input-size", "input_size"),
+    ("evaluate", "--num-class", "--num-classes", "num_classes"), ("evaluate", "--workers", "--num-workers", "num_workers"),
+])
+def test_one_flag_spelling_across_scripts_with_the_old_ones_as_aliases(script, old, new, attribute):
+    module = __import__(script)
+    required = ["--weights", "w.pth"] if script == "evaluate" else []
+    parse = module.get_args_parser().parse_args
+    assert getattr(parse(required + [old, "7"]), attribute) == getattr(parse(required + [new, "7"]), attribute) == 7
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,16 +504,16 @@ def test_demo_settings_apply_and_explicit_flags_win():
 
 
 def test_lr_schedules():
-    seed = train.LRSchedule(0.045, 400)
+    seed = optimization.LRSchedule(0.045, 400)
     assert seed(0) == 0.045 and seed(200, 7, 10) == pytest.approx(0.045 * 0.98 ** 200)
-    cosine = train.LRSchedule(0.1, 10, "cosine", warmup_epochs=1, min_lr=0.0)
+    cosine = optimization.LRSchedule(0.1, 10, "cosine", warmup_epochs=1, min_lr=0.0)
     assert cosine(0, 0, 10) == pytest.approx(0.01) and cosine(0, 9, 10) == pytest.approx(0.1)
     assert cosine(1, 0, 10) == pytest.approx(0.1) and cosine(10, 0, 10) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_no_decay_on_norm_and_bias():
     model = MobileNetV2(num_classes=10, width_mult=0.25)
-    groups = train.parameter_groups(model, 4e-5, decay_norm_and_bias=False)
+    groups = optimization.parameter_groups(model, 4e-5, decay_norm_and_bias=False)
     assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in groups[1]["params"])
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
@@ -502,7 +525,7 @@ def test_no_decay_on_norm_and_bias():
 
 DDP_SCRIPT = """
 import sys, torch
-import distributed, train
+import distributed, optimization, train
 from MobileNetV2 import MobileNetV2
 torch.manual_seed(0)
 context = distributed.setup("cpu")
@@ -513,11 +536,12 @@ loader = [(images[s, half], targets[s, half], torch.arange(4), torch.zeros(4, dt
 torch.manual_seed(0)
 model = MobileNetV2(num_classes=10, width_mult=0.25).double()
 ddp = torch.nn.parallel.DistributedDataParallel(model)
-optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
+optimizer = torch.optim.SGD(optimization.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
 # float64 and NCHW: at initialisation, BatchNorm over 4 images amplifies rounding differences (a
 # different summation order of the gradients) by ~1e4 per step, beyond the tolerance in float32.
-train.train_one_epoch(ddp, loader, torch.nn.CrossEntropyLoss(), optimizer, train.LRSchedule(0.01, 1), 0, 3,
-                      torch.device("cpu"), context, channels_last=False)
+learner = train.Learner(ddp, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.01, 1),
+                        torch.device("cpu"), channels_last=False)
+train.train_one_epoch(learner, loader, 0, 3, context)
 if context.is_main:
     torch.save({k: v.detach().contiguous() for k, v in model.named_parameters()}, sys.argv[1])
 distributed.cleanup()
@@ -537,7 +561,7 @@ def test_ddp_two_processes_match_one_process_averaging_half_batch_losses(tmp_pat
     targets = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
     model = MobileNetV2(num_classes=10, width_mult=0.25).double()
-    optimizer = torch.optim.SGD(train.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(optimization.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
     for s in range(3):

@@ -1,0 +1,284 @@
+"""The checkpoint format: what a checkpoint holds, how it is read safely and written atomically.
+
+    data = checkpoint.read("output/last.pth")              # weights_only, digest verified
+    checkpoint.write(checkpoint.make(...), [save_path / "last.pth"])
+
+A checkpoint is one dict of plain types and tensors (`torch.load(weights_only=True)` reads it): the keys
+are `KEYS` plus the format tag, the version and a sha256 of everything else, so a flipped bit inside a
+tensor is an error instead of silent damage. Files are written to a unique temporary name, synced and
+renamed into place (`outputs.atomic_write`): a crash leaves the old file or the new one, never a mix.
+"""
+import argparse
+import hashlib
+import io
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cli import ScriptError
+from outputs import OutputError, atomic_write
+
+FORMAT = "mobilenetv2-checkpoint"
+VERSION = 1
+# Everything a training checkpoint holds besides format, version and sha256.
+KEYS = ("model", "model_ema", "model_config", "classes", "data", "epoch", "step", "optimizer", "scaler",
+        "best_acc1", "rng", "sampler", "metrics", "partial", "world_size", "args")
+REQUIRED = ("model", "optimizer", "epoch", "step")  # what a resume cannot do without
+# Files `--resume auto` considers; temporary files (".name.tmp-...") never match.
+NAME = re.compile(r"^(last|best|epoch_(\d+))\.pth$")
+
+
+class WeightsError(ScriptError, ValueError):
+    """A weight or checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+class CheckpointError(WeightsError):
+    """A checkpoint that cannot be written, or read back for resuming."""
+
+
+def make(**fields):
+    """A training checkpoint dict: exactly the fields in KEYS, tagged with the format and version."""
+    missing, unknown = set(KEYS) - set(fields), set(fields) - set(KEYS)
+    if missing or unknown:
+        raise TypeError(f"checkpoint fields: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return {"format": FORMAT, "version": VERSION, **fields}
+
+
+def is_checkpoint(data):
+    """True for this repo's training checkpoints (as opposed to bare weight files of any layout)."""
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def meta(data):
+    """Class order, preprocessing and model config saved in a checkpoint; {} for bare weight files."""
+    if not is_checkpoint(data):
+        return {}
+    return {key: data[key] for key in ("classes", "data", "model_config", "epoch") if key in data}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def digest(data):
+    """sha256 over everything in a checkpoint dict except its own "sha256" entry.
+
+    A zip checkpoint with a flipped bit inside a tensor still loads, silently different; this digest,
+    saved inside the file, makes such damage an error instead.
+    """
+    sha = hashlib.sha256()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach().cpu().contiguous().reshape(-1)
+            sha.update(f"tensor {tensor.dtype} {tuple(obj.shape)};".encode())
+            sha.update(tensor.view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            sha.update(f"dict {len(obj)};".encode())
+            for key, value in obj.items():
+                feed(key)
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            sha.update(f"{type(obj).__name__} {len(obj)};".encode())
+            for value in obj:
+                feed(value)
+        else:
+            sha.update(f"{type(obj).__name__} {obj!r};".encode())
+
+    feed({key: value for key, value in data.items() if key != "sha256"})
+    return sha.hexdigest()
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def read_weights(path):
+    """Read a weight or checkpoint file of any layout as plain data, refusing anything that would run code.
+
+    `torch.load(weights_only=True)` never unpickles arbitrary objects; there is no unsafe fallback.
+    `argparse.Namespace` (which torchvision's reference scripts save as "args") is allowed: it only holds
+    attributes. A saved sha256 must match the contents.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weight file; check the path")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: the file is empty (an interrupted download or save?); use another copy")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise WeightsError(f"{path}: refused, the file holds Python objects that could run code, not "
+                               "plain weights; re-save it as a state_dict from a trusted source") from None
+        raise WeightsError(f"{path}: not a readable weight file ({_first_line(e)}); "
+                           "it is corrupt or truncated, use another copy") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        raise WeightsError(f"{path}: not a readable weight file ({_first_line(e)}); "
+                           "it is corrupt or truncated, use another copy") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: holds a {type(data).__name__}, expected a dict of weights")
+    if "sha256" in data and data["sha256"] != digest(data):
+        raise WeightsError(f"{path}: contents differ from the checksum saved inside it (a damaged copy "
+                           "or bit rot); use another checkpoint")
+    return data
+
+
+def read(path):
+    """A checkpoint or weights file as a dict (see read_weights); a training checkpoint must hold what a
+    resume needs. Raises WeightsError/CheckpointError with one line naming the file."""
+    data = read_weights(path)
+    if is_checkpoint(data):
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; use another one")
+    return data
+
+
+def find_latest(directory, log=print):
+    """The newest checkpoint in `directory` that loads: (path, data), or (None, None) if there is none.
+    Unreadable files are skipped with a note; if every candidate is unreadable, that is an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None, None
+    priority = {"last.pth": 0, "best.pth": 2}
+    candidates = [p for p in directory.iterdir() if NAME.match(p.name) and p.is_file()]
+    # Newest first; on equal times prefer last.pth, then later epochs, then best.pth (an older epoch).
+    candidates.sort(key=lambda p: (-p.stat().st_mtime_ns, priority.get(p.name, 1),
+                                   -int(NAME.match(p.name).group(2) or 0)))
+    for path in candidates:
+        try:
+            data = read(path)
+        except WeightsError as e:
+            log(f"note: --resume auto skips {e}")
+            continue
+        if not is_checkpoint(data):
+            log(f"note: --resume auto skips {path}: not a training checkpoint of this repo")
+            continue
+        return path, data
+    if candidates:
+        raise CheckpointError(f"--resume auto: none of the {len(candidates)} checkpoints in {directory} loads; "
+                              "pass --resume FILE or move them away to start afresh")
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def unwrap(model):
+    """The plain module inside DistributedDataParallel, DataParallel and torch.compile wrappers: the one
+    whose state is saved, so no `module.` or `_orig_mod.` prefix is ever written."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_state(model):
+    """The state of the unwrapped model as contiguous CPU tensors: the file does not depend on the device
+    or the memory format it was trained with."""
+    return {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+
+
+def all_finite(state):
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def serialize(data):
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return buffer.getvalue()
+
+
+def write(data, paths):
+    """Digest, serialise once, then write each path atomically (in order: the first is the new epoch file).
+    Non-finite weights are never written."""
+    for key in ("model", "model_ema"):
+        if data.get(key) is not None and not all_finite(data[key]):
+            raise CheckpointError(f"refusing to write {paths[0]}: the {key} weights hold NaN/inf; the last good "
+                                  "checkpoint is kept; lower --lr")
+    data["sha256"] = digest(data)
+    payload = serialize(data)
+    for path in paths:
+        try:
+            atomic_write(path, payload)
+        except OutputError as e:
+            raise CheckpointError(f"{e}; the earlier checkpoints are intact; free space or fix the path, "
+                                  "then --resume auto") from None
+
+
+def remove_stale_temporaries(directory):
+    """Temporary files of a process killed while writing: never a checkpoint, safe to drop."""
+    for tmp in Path(directory).glob(".*.pth.tmp-*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def epoch_files(directory):
+    """epoch_N.pth files in `directory` as (N, path), oldest first."""
+    found = []
+    for path in Path(directory).glob("epoch_*.pth"):
+        m = NAME.match(path.name)
+        if m and m.group(2):
+            found.append((int(m.group(2)), path))
+    return sorted(found)
+
+
+def prune(directory, keep, log=print):
+    """Keep the newest `keep` epoch files. Called only after the newest was written and synced, so the
+    files deleted always have a safely written successor."""
+    if keep <= 0:
+        return []
+    removed = []
+    for _, path in epoch_files(directory)[:-keep]:
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError as e:
+            log(f"warning: could not delete old checkpoint {path}: {e.strerror}")
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Random number generators: captured into a checkpoint, restored on resume
+
+
+def capture_rng():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device

@@ -1,0 +1,124 @@
+"""Files a run writes, written so that a failure never replaces a good file: atomic writes, and the
+training reports (metrics.csv, the seed's result.txt, curves.png).
+
+    outputs.atomic_write(path, data)            # the old file or the complete new one, never a mix
+    outputs.write_reports(metrics, save_path)
+
+Every file goes to a unique temporary name beside its target, is flushed and synced, then renamed over
+the target; the directory is synced so the rename survives a crash.
+"""
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from cli import ScriptError
+
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+                 "ema_val_top1", "ema_val_top5", "images_per_s", "seconds", "skipped_steps", "failed_images"]
+
+
+class OutputError(ScriptError, OSError):
+    """A file could not be written; nothing was replaced. One line naming the file (exit code 1)."""
+
+
+def atomic_write(path, data):
+    """Write bytes or text to `path` atomically. Raises OutputError naming the file; the old file stays."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}; nothing was replaced") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def fsync_dir(directory):
+    # The rename lives in the directory; without this a crash can forget it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path, header, rows):
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+
+
+def write_reports(metrics, directory):
+    directory = Path(directory)
+    write_csv(directory / "metrics.csv", METRIC_FIELDS,
+              [[_fmt(row.get(k)) for k in METRIC_FIELDS] for row in metrics])
+    # The seed's result.txt: one readable line per epoch.
+    lines = [f"epoch {m['epoch']} lr {m['lr']:.6f} train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2f} "
+             f"| val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2f} top5 {m['val_top5']:.2f}"
+             + (f" | ema top1 {m['ema_val_top1']:.2f}" if m.get("ema_val_top1") is not None else "")
+             + f" | {m['images_per_s']:.0f} img/s {m['seconds']:.0f} s" for m in metrics]
+    atomic_write(directory / "result.txt", "\n".join(lines) + "\n")
+    plot_curves(metrics, directory / "curves.png")
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def plot_curves(metrics, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
+    axes[0].plot(epochs, [m["val_loss"] for m in metrics], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(epochs, [m["train_top1"] for m in metrics], "o-", label="train top-1")
+    axes[1].plot(epochs, [m["val_top1"] for m in metrics], "o-", label="val top-1")
+    axes[1].plot(epochs, [m["val_top5"] for m in metrics], "o-", label="val top-5")
+    if any(m.get("ema_val_top1") is not None for m in metrics):
+        axes[1].plot(epochs, [m.get("ema_val_top1") for m in metrics], "o-", label="EMA val top-1")
+    axes[1].set_title("accuracy (%)")
+    axes[2].plot(epochs, [m["lr"] for m in metrics], "o-")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(path, image.getvalue())
