@@ -443,6 +443,10 @@ def run(args):
         raise UsageError("nothing to do: give --data-dir, image files, --export-onnx or --export-torchscript")
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
+    for flag, path in (("--json", args.json), ("--per-class", args.per_class), ("--predictions", args.predictions),
+                       ("--export-onnx", args.export_onnx), ("--export-torchscript", args.export_torchscript)):
+        if path is not None:
+            outputs.check_writable(path, flag)  # now, not after the whole scoring pass
     if device.type == "cuda" and not args.amp:
         # Scores in float32 as on the CPU: cuDNN's TF32 default rounds every convolution's inputs to
         # 10-bit mantissas (relative errors near 1e-3), enough to flip a near-tie prediction.
@@ -542,15 +546,16 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
         if target is None:
             continue
         kwargs = {"opset": opset} if kind == "onnx" else {}
-        diff = export(deploy, target, input_size=input_size, reference=model, **kwargs)
+        with outputs.staged(target) as staging:  # only a file that passed its check replaces the target
+            diff = export(deploy, staging, input_size=input_size, reference=model, **kwargs)
+            if diff is not None and not diff <= tolerance:
+                raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
+                                      f"(> {tolerance:g}); not written, do not deploy it")
         report[kind] = {"path": str(target), "max_abs_diff": diff}
         if diff is None:
             log(f"wrote {target} (onnxruntime not installed: the exported graph was not run)")
-            continue
-        log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
-        if not diff <= tolerance:
-            raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
-                                  f"(> {tolerance:g}); do not deploy it")
+        else:
+            log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
     return report
 
 

@@ -20,8 +20,10 @@ import os
 import platform
 import re
 import signal
+import socket
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,8 +40,9 @@ from checkpoint import CheckpointError, WeightsError
 from cli import UsageError
 from evaluate import evaluate
 from MobileNetV2 import MobileNetV2
-from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, EvalSampler, TrainSampler, TrainTransform,
-                               build_datasets, build_loader, make_demo, normalize)
+from read_ImageNetData import (DEMO_MARKER, IMAGENET_MEAN, IMAGENET_STD, EvalSampler, TrainSampler,
+                               TrainTransform, build_datasets, build_loader, demo_is_complete, make_demo,
+                               normalize)
 from weights import load_model
 
 # `--demo`: the settings that reach >= 90% val top-1 on the generated digits data in a few minutes on two
@@ -168,6 +171,9 @@ def get_args_parser(add_help=True):
     out.add_argument("--keep-last", type=cli.non_negative_int, default=0,
                      help="keep only the newest k epoch_N.pth files (0: keep all); last/best always stay")
     out.add_argument("--tensorboard", action="store_true", help="also log to <save-path>/tensorboard")
+    out.add_argument("--start-over", action="store_true",
+                     help="--save-path holds another run's files: move them into <save-path>/previous-<run id>/ "
+                          "and start a new run there (without it such a start is refused)")
     out.add_argument("--demo", action="store_true",
                      help="train on a small generated digits dataset on the CPU (built in output/demo/data if "
                           "absent); its settings are defaults: flags given explicitly win")
@@ -398,7 +404,6 @@ def restore(model, path, data, start_epoch, num_classes, width_mult, batch_size,
         load_state_checked(model, weights.state_dict(), path)
         log(f"resuming weights from {path} at epoch {start_epoch or 0} (optimizer state starts afresh)")
         return Start(epoch=start_epoch or 0, metrics=[], path=path)
-    check_config(data, num_classes, width_mult, path)
     load_state_checked(model, data["model"], path)
     start = Start(int(data["epoch"]), int(data["step"]), float(data.get("best_acc1", -1.0)),
                   list(data.get("metrics") or []), data, path)
@@ -422,6 +427,63 @@ def restore(model, path, data, start_epoch, num_classes, width_mult, batch_size,
             log(f"note: batch size or process count changed since the mid-epoch checkpoint; continuing that "
                 f"epoch at step {start.step} of the new batch size")
     return start
+
+
+def own_output_directory(run_dir, resume_path, resumed, start_over, context, log):
+    """Lock --save-path for this run (rank 0) and make sure it holds no other run's files; the run id.
+
+    A run continues in its own directory (`--resume auto`, or a checkpoint of the run recorded there);
+    a new run is refused where another run's checkpoints are, unless `start_over` moves them aside first.
+    """
+    run_id = None
+    if context.is_main:
+        run_dir.lock()
+        run_dir.remove_stale_temporaries()
+        owner = run_dir.owner()
+        resumed_id = resumed.get("run_id") if checkpoint.is_checkpoint(resumed) else None
+        own = resume_path is not None and checkpoint.is_checkpoint(resumed) and (
+            (owner is not None and resumed_id == owner)
+            or (owner is None and Path(resume_path).resolve().parent == run_dir.path.resolve()))
+        present = run_dir.checkpoints()
+        if present and not own:
+            if not start_over:
+                who = f"run {owner}" if owner else "an earlier run"
+                raise UsageError(f"--save-path {run_dir.path} holds the checkpoints of {who} ({present[0].name}, ...);"
+                                 " continue it with --resume auto, choose another --save-path, or add --start-over "
+                                 "to move its files aside")
+            log(f"--save-path {run_dir.path}: moved the earlier run's files to {run_dir.move_aside()}")
+        # A resumed checkpoint continues its run, wherever it was read from; anything else is a new run.
+        run_id = resumed_id or uuid.uuid4().hex[:12]
+        if run_dir.owner() != run_id:
+            run_dir.claim(run_id, started=time.strftime("%Y-%m-%d %H:%M:%S"), host=socket.gethostname(),
+                          pid=os.getpid())
+    return distributed.broadcast_object(run_id, context)
+
+
+def check_compatible(path, saved, data, num_classes, width_mult, model_ema, log):
+    """Refuse a resume that would change what the checkpoint's numbers mean: another model, other classes or
+    class order, other preprocessing, or its EMA dropped. Weights alone carry none of this and are not checked."""
+    if not checkpoint.is_checkpoint(saved):
+        return
+    check_config(saved, num_classes, width_mult, path)
+    classes = saved.get("classes") or {}
+    if classes.get("wnids") is not None and list(classes["wnids"]) != list(data.classes.wnids):
+        first = next((i for i, (a, b) in enumerate(zip(classes["wnids"], data.classes.wnids)) if a != b),
+                     min(len(classes["wnids"]), len(data.classes.wnids)))
+        raise UsageError(f"{path} was trained with {classes.get('order')} class order, in which class {first} is "
+                         f"{(list(classes['wnids']) + ['(none)'])[first]}; here it is "
+                         f"{(list(data.classes.wnids) + ['(none)'])[first]}: pass --class-order "
+                         f"{classes.get('order')} and the same data")
+    before = saved.get("data") or {}
+    for key, flag in (("input_size", "--input-size"), ("resize", "--resize"), ("interpolation", "--interpolation")):
+        if key in before and before[key] != data.preprocessing[key]:
+            raise UsageError(f"{path} was trained with {flag} {before[key]}, not {data.preprocessing[key]}: pass "
+                             f"{flag} {before[key]} to continue it (or fine-tune from it in a new --save-path)")
+    if saved.get("model_ema") is not None and not model_ema:
+        raise UsageError(f"{path} carries EMA weights: add --model-ema to continue them (without it they would "
+                         "be dropped from every later checkpoint)")
+    if saved.get("model_ema") is None and model_ema:
+        log(f"note: {path} has no EMA weights; the EMA starts from the resumed weights")
 
 
 @dataclass
@@ -499,20 +561,41 @@ class EpochMeter:
         return 100.0 * self.correct / self.count if self.count else float("nan")
 
 
-class StopFlag:
-    """SIGTERM/SIGUSR1 (cluster preemption) ask the loop to finish the current step, save and exit;
-    a second signal exits at once."""
+class Interrupted(cli.ScriptError):
+    """A second stop signal: the run ends at once, without saving (exit code 128 + the signal number)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    def __init__(self, signum, saving):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped at once by a second {name}" + (
+            f" while writing {saving}: that write was abandoned and its temporary file removed; the previous "
+            "checkpoints are intact" if saving else "; the last checkpoint written is kept") + ", continue with "
+            "--resume auto")
+        self.exit_code = 128 + signum
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) ask the loop to finish the current step, save
+    and exit; a second signal ends the run at once (an interrupted checkpoint write leaves the old file)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signum = None
+        self.writing = None  # the checkpoint being written, for the message of a second signal
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise SystemExit(128 + signum)
+            raise Interrupted(signum, self.writing)
         self.signum = signum
+
+    @contextlib.contextmanager
+    def saving(self, path):
+        self.writing = path
+        try:
+            yield
+        finally:
+            self.writing = None
 
     def __enter__(self):
         for s in self.SIGNALS:
@@ -685,7 +768,7 @@ def validate(learner, val_loader, show_progress):
     return out
 
 
-def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, world_size, args, partial=None):
+def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, run_id, world_size, args, partial=None):
     """The training checkpoint of this moment (see checkpoint.KEYS)."""
     classes = data.classes
     return checkpoint.make(
@@ -697,7 +780,7 @@ def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, world_s
         optimizer=learner.optimizer.state_dict(),
         scaler=learner.scaler.state_dict() if learner.scaler is not None else None,
         best_acc1=best_acc1, rng=checkpoint.capture_rng(), sampler=data.sampler.state_dict(), metrics=metrics,
-        partial=partial, world_size=world_size, args=plain_args(args))
+        partial=partial, world_size=world_size, args=plain_args(args), run_id=run_id)
 
 
 def save_epoch(ckpt, save_path, epoch, is_last_epoch, save_epoch_freq, is_best, keep_last, metrics, log):
@@ -741,23 +824,25 @@ def run(args, on_step=None):
     device_type = distributed.resolve_device_type(args.device)
     context = distributed.setup(device_type, args.dist_timeout)
     try:
-        with StopFlag() as stop:
-            return train(args, context, stop, on_step)
+        with StopFlag() as stop, outputs.RunDirectory(args.save_path) as run_dir:
+            return train(args, context, stop, run_dir, on_step)
     finally:
         distributed.cleanup()
 
 
-def train(args, context, stop, on_step=None):
+def train(args, context, stop, run_dir, on_step=None):
     log = cli.logger(context.is_main)
     save_path = Path(args.save_path)
     set_up_device(context.device)
+    path, saved = find_resume(args.resume, save_path, context, log)
+    run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
     data = build_data(args.data_dir, args.class_order, args.num_classes, args.input_size, args.resize,
                       args.interpolation, args.crop_scale_min, args.hflip, args.batch_size, args.num_workers,
                       args.seed, context, log)
 
     checkpoint.seed_everything(args.seed)
     model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult, dropout=args.dropout)
-    path, saved = find_resume(args.resume, save_path, context, log)
+    check_compatible(path, saved, data, args.num_classes, args.width_mult, args.model_ema, log)
     start = restore(model, path, saved, args.start_epoch, args.num_classes, args.width_mult, args.batch_size,
                     data.train_images, context, log)
     del saved
@@ -765,7 +850,7 @@ def train(args, context, stop, on_step=None):
         log(f"nothing to do: {start.epoch} epochs done, --num-epochs {args.num_epochs}")
         return 0
     learner = build_learner(model, args, start, context, log)
-    tensorboard = open_outputs(save_path, args.tensorboard) if context.is_main else None
+    tensorboard = open_tensorboard(save_path) if context.is_main and args.tensorboard else None
     log(f"MobileNetV2 width {args.width_mult:g}, {args.num_classes} classes, {args.input_size} px | "
         f"{data.train_images} train / {data.val_images} val images | {context.world_size} process(es) on "
         f"{context.device.type}: global batch {args.batch_size} = {context.world_size} x {data.batch_per_rank}, "
@@ -786,8 +871,9 @@ def train(args, context, stop, on_step=None):
             progress.close()
         if stopped:
             if context.is_main:
-                checkpoint.write(snapshot(learner, data, epoch, step, best_acc1, metrics, context.world_size, args,
-                                          asdict(meter)), [save_path / "last.pth"])
+                with stop.saving(save_path / "last.pth"):
+                    checkpoint.write(snapshot(learner, data, epoch, step, best_acc1, metrics, run_id,
+                                              context.world_size, args, asdict(meter)), [save_path / "last.pth"])
             distributed.barrier(context)
             raise Preempted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1} "
                                          f"step {step}/{data.steps_per_epoch}; saved {save_path / 'last.pth'}, "
@@ -802,9 +888,10 @@ def train(args, context, stop, on_step=None):
             best_acc1 = record["val_top1"]
         log(epoch_line(record, args.num_epochs))
         if context.is_main:
-            save_epoch(snapshot(learner, data, epoch + 1, 0, best_acc1, metrics, context.world_size, args),
-                       save_path, epoch + 1, epoch + 1 == args.num_epochs, args.save_epoch_freq, is_best,
-                       args.keep_last, metrics, log)
+            with stop.saving(f"the epoch {epoch + 1} checkpoint"):
+                save_epoch(snapshot(learner, data, epoch + 1, 0, best_acc1, metrics, run_id, context.world_size, args),
+                           save_path, epoch + 1, epoch + 1 == args.num_epochs, args.save_epoch_freq, is_best,
+                           args.keep_last, metrics, log)
             log_tensorboard(tensorboard, record)
         stop_if_asked(stop, epoch, context)
 
@@ -814,12 +901,7 @@ def train(args, context, stop, on_step=None):
     return 0
 
 
-def open_outputs(save_path, tensorboard):
-    """Create the output directory (rank 0); a TensorBoard writer when asked for."""
-    save_path.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_temporaries(save_path)
-    if not tensorboard:
-        return None
+def open_tensorboard(save_path):
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(save_path / "tensorboard")
 
@@ -864,10 +946,10 @@ def stop_if_asked(stop, epoch, context):
 
 def ensure_demo_data(data_dir, seed, log=print):
     root = Path(data_dir)
-    if not (root / "ILSVRC2012_img_train").is_dir():
-        log(f"building the demo dataset in {root} ...")
-        make_demo(root, seed=seed)
-    return root
+    if demo_is_complete(root) or ((root / "ILSVRC2012_img_train").is_dir() and not (root / DEMO_MARKER).exists()):
+        return root  # built before, or the user's own data given with --data-dir
+    log(f"building the demo dataset in {root} ...")
+    return make_demo(root, seed=seed)
 
 
 def _guarded(args, on_step=None):

@@ -210,7 +210,7 @@ def test_seed_format_weights_resume_at_start_epoch_with_implied_lr(data, tmp_pat
 
 def test_resume_file_continues_without_start_epoch_and_start_epoch_wins(data, two_epochs, tmp_path, capsys):
     args = parse(data, tmp_path, "--num-epochs", "3", "--resume", str(two_epochs / "epoch_1.pth"),
-                 "--start-epoch", "2")
+                 "--start-epoch", "2", "--model-ema")
     assert run_main(args) == 0
     assert "overrides" in capsys.readouterr().out
     assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 3]
@@ -239,7 +239,7 @@ def test_resume_auto_skips_corrupt_newest(data, two_epochs, tmp_path, capsys):
     assert all(name in notes for name in ("last.pth", "epoch_2.pth", "best.pth"))
 
     # the whole run: resumes from epoch 1 and trains epoch 2 again
-    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto")) == 0
+    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto", "--model-ema")) == 0
     assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 2]
 
 
