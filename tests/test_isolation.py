@@ -1,5 +1,6 @@
 """The guard in conftest.py: a test that leaves global state changed fails in its teardown, naming what
 changed, and the tests after it find the state as it was."""
+import os
 from pathlib import Path
 
 pytest_plugins = ["pytester"]
@@ -44,8 +45,10 @@ def test_later_tests_find_everything_put_back():
 '''
 
 
-def test_a_test_that_leaves_global_state_changed_fails_and_later_tests_find_it_put_back(pytester):
-    # In a process of its own, so that nothing the leaky tests do can reach this one.
+def test_a_test_that_leaves_global_state_changed_fails_and_later_tests_find_it_put_back(pytester, monkeypatch):
+    # In a process of its own, so that nothing the leaky tests do can reach this one; the copied conftest
+    # finds the repo's modules and the tests' helpers through PYTHONPATH.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(CONFTEST.parents[1]), str(CONFTEST.parent)]))
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makepyfile(test_leaky=LEAKY_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
