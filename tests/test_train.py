@@ -473,7 +473,8 @@ def test_demo_settings_apply_and_explicit_flags_win():
     args = train.check_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
     assert args.num_epochs == 2  # given explicitly
     assert (args.input_size, args.save_path, args.device) == (64, "output/demo", "cpu")
-    assert args.data_dir == "output/demo/data" and args.resize == 73
+    assert args.data_dir == "output/demo/data" and args.val_resize_size == 73
+    assert args.train_crop_size == args.val_crop_size == 64
 
 
 @pytest.mark.parametrize("flag, value, attribute", [("--lr", "0.045", "lr"), ("--hflip", "0.5", "hflip"),
