@@ -364,3 +364,60 @@ def test_recipe_torchvision_v2_trains_on_the_demo_end_to_end(demo_data, tmp_path
     assert ckpt["args"]["auto_augment"] == "ta_wide" and ckpt["args"]["ra_sampler"] and ckpt["args"]["cutmix_alpha"] == 1.0
     assert all(math.isfinite(m["train_loss"]) for m in ckpt["metrics"])
     assert ckpt["data"]["train_crop_size"] == 32 and ckpt["data"]["input_size"] == 32
+
+
+DDP_ACCUMULATION = """
+import sys, torch
+import distributed, optimization, train
+from MobileNetV2 import MobileNetV2
+context = distributed.setup("cpu")
+g = torch.Generator().manual_seed(1)
+images = torch.randint(0, 256, (2, 16, 3, 64, 64), dtype=torch.uint8, generator=g)
+targets = torch.randint(0, 10, (2, 16), generator=g)
+# rank r takes images 8r..8r+7 of each global batch of 16, in two passes of 4
+loader = [(images[s, 8 * context.rank + 4 * k:8 * context.rank + 4 * k + 4], targets[s, 8 * context.rank + 4 * k:
+           8 * context.rank + 4 * k + 4], torch.arange(4), torch.zeros(4, dtype=torch.int64))
+          for s in range(2) for k in range(2)]
+torch.manual_seed(0)
+model = MobileNetV2(num_classes=10, width_mult=0.25).double()
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(optimization.parameter_groups(model, 4e-5), lr=0.05, momentum=0.9)
+learner = train.Learner(ddp, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.05, 1),
+                        torch.device("cpu"), channels_last=False, accum_steps=2)
+train.train_one_epoch(learner, loader, 0, 2, context, log=lambda *a: None)
+if context.is_main:
+    torch.save({k: v.detach().contiguous() for k, v in model.named_parameters()}, sys.argv[1])
+distributed.cleanup()
+"""
+
+
+def test_ddp_with_accumulation_steps_on_the_mean_of_all_passes_of_the_global_batch(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_ACCUMULATION)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = str(helpers.REPO)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(tmp_path / "ddp.pt")],
+                          cwd=repo, env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 16, 3, 64, 64), dtype=torch.uint8, generator=g)
+    targets = torch.randint(0, 10, (2, 16), generator=g)
+    reference = fresh_model()
+    optimizer = torch.optim.SGD(optimization.parameter_groups(reference, 4e-5), lr=0.05, momentum=0.9)
+    criterion = torch.nn.CrossEntropyLoss()
+    reference.train()
+    for s in range(2):  # each pass of 4 images through the model on its own; the mean of the 4 losses
+        losses = [criterion(reference(normalize(images[s, q:q + 4]).double()), targets[s, q:q + 4]) for q in (0, 4, 8, 12)]
+        optimizer.zero_grad()
+        (sum(losses) / 4).backward()
+        optimizer.step()
+    worst = max((ddp[k] - p).abs().max().item() for k, p in reference.named_parameters())
+    assert worst <= 1e-9
