@@ -1014,8 +1014,7 @@ def train(args, context, stop, run_dir, on_step=None):
     log = cli.logger(context.is_main)
     save_path = Path(args.save_path)
     set_up_device(context.device)
-    for line in recipe_lines(args):
-        log(line)
+    log("\n".join(recipe_lines(args)))
     path, saved = find_resume(args.resume, save_path, context, log)
     run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
     data = build_data(args.data_dir, args.class_order, args.num_classes, args.train_crop_size, args.val_crop_size,

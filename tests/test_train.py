@@ -492,6 +492,8 @@ def test_a_flag_given_with_the_plain_default_value_still_wins_over_demo(flag, va
     ("train", "--num-class", "--num-classes", "num_classes"), ("train", "--workers", "--num-workers", "num_workers"),
     ("train", "--epochs", "--num-epochs", "num_epochs"), ("evaluate", "--crop", "--input-size", "input_size"),
     ("evaluate", "--num-class", "--num-classes", "num_classes"), ("evaluate", "--workers", "--num-workers", "num_workers"),
+    ("evaluate", "--val-resize-size", "--resize", "resize"), ("evaluate", "--val-crop-size", "--input-size", "input_size"),
+    ("train", "--resize", "--val-resize-size", "val_resize_size"),
 ])
 def test_one_flag_spelling_across_scripts_with_the_old_ones_as_aliases(script, old, new, attribute):
     module = __import__(script)
