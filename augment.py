@@ -447,7 +447,7 @@ class AfterCrop:
                 image = self.policy(image)
             else:
                 pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-                image = torch.from_numpy(np.asarray(self.policy(pil)).copy()).permute(2, 0, 1)
+                image = torch.from_numpy(np.array(self.policy(pil))).permute(2, 0, 1)
         if self.erase is not None:
             image = self.erase(image)
         return image
