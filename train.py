@@ -211,7 +211,7 @@ def add_recipe_arguments(p):
     rec.add_argument("--recipe", choices=list(optimization.RECIPES), default="seed",
                      help="a published recipe as defaults (explicit flags win; with --demo, the demo's data, "
                           "sizes, batch and epochs win). Its lr scales linearly with --batch-size unless --lr "
-                          f"is given. {names}")
+                          f"is given (the seed's stays 0.045). {names}")
     rec.add_argument("--opt", choices=optimization.OPTIMIZERS, default="sgd",
                      help="sgd (seed), sgd-nesterov, rmsproptf (TensorFlow's RMSProp, the paper's), rmsprop "
                           "(torch's), adamw; momentum is --momentum, RMSProp's decay 0.9")
