@@ -297,13 +297,16 @@ def check_recipe_args(args):
 
 
 def recipe_lines(args):
-    """What the run's first lines say about its recipe and where its lr comes from."""
+    """What the run's first lines say about its recipe and where its lr comes from (nothing for the seed's
+    recipe, the plain defaults, whose output stays as it was)."""
     recipe = optimization.RECIPES[args.recipe]
+    if args.recipe == "seed":
+        return []
     lines = [f"recipe {args.recipe}: {recipe.summary()}" + (f" ({recipe.note})" if recipe.note else "")]
     if args.lr_from_recipe and args.batch_size != recipe.batch_size:
         lines.append(f"lr {args.lr:g}: the recipe's {recipe.lr:g} at global batch {recipe.batch_size}, scaled "
                      f"linearly to --batch-size {args.batch_size} (--lr sets it)")
-    elif not args.lr_from_recipe and args.recipe != "seed":
+    elif not args.lr_from_recipe:
         lines.append(f"lr {args.lr:g} as given (the recipe's is {recipe.lr:g} at global batch {recipe.batch_size})")
     return lines
 
@@ -1014,7 +1017,8 @@ def train(args, context, stop, run_dir, on_step=None):
     log = cli.logger(context.is_main)
     save_path = Path(args.save_path)
     set_up_device(context.device)
-    log("\n".join(recipe_lines(args)))
+    for line in recipe_lines(args):
+        log(line)
     path, saved = find_resume(args.resume, save_path, context, log)
     run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
     data = build_data(args.data_dir, args.class_order, args.num_classes, args.train_crop_size, args.val_crop_size,
