@@ -730,19 +730,7 @@ def build_loader(dataset, batch_size, sampler, num_workers=4, pin_memory=None, p
         persistent_workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
-                      drop_last=drop_last, worker_init_fn=_init_worker if num_workers else None)
-
-
-def _init_worker(worker_id):
-    _ignore_interrupts(worker_id)
-    seed_numpy_in_worker(worker_id)
-
-
-def seed_numpy_in_worker(worker_id):
-    """A loader process gets torch's and Python's generators seeded from the loader's seed, but NumPy's
-    is a copy of the parent's in every process: seed it from torch's, so augmentations that draw from
-    NumPy (timm's policies) differ between processes and follow the run's seed."""
-    np.random.seed(torch.initial_seed() % 2**32)
+                      drop_last=drop_last, worker_init_fn=_ignore_interrupts if num_workers else None)
 
 
 def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, interpolation="bilinear"):

@@ -400,29 +400,6 @@ def test_ra_sampler_resume_yields_exactly_the_unseen_rest_also_on_another_world_
     assert [i for pair in zip(*two) for i in pair] == full[96:96 + 2 * len(two[0])]
 
 
-class NumpyDraws(torch.utils.data.Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return torch.tensor(np.random.randint(0, 2**31)), 0, index, 0
-
-
-def test_loader_processes_draw_different_reproducible_numpy_numbers():
-    state = torch.get_rng_state()
-    try:
-        runs = []
-        for _ in range(2):
-            torch.manual_seed(5)
-            loader = data.build_loader(NumpyDraws(), 1, data.EvalSampler(8), num_workers=2, pin_memory=False,
-                                       persistent_workers=False)
-            runs.append([int(batch[0]) for batch in loader])
-    finally:
-        torch.set_rng_state(state)
-    assert runs[0] == runs[1]  # seeded from the run's generator
-    assert runs[0][0::2] != runs[0][1::2]  # worker 0 takes samples 0, 2, ...; worker 1 1, 3, ...
-
-
 # ---------------------------------------------------------------------------------------------- demo
 def test_demo_dataset_reads_back_with_the_right_labels(tmp_path):
     from sklearn.datasets import load_digits
