@@ -304,9 +304,10 @@ def get_args_parser(add_help=True):
     pre = p.add_argument_group("preprocessing (default: the checkpoint's, else the published one of a "
                                "recognised file, else torchvision's 256 / 224 / bilinear / ImageNet "
                                "statistics)")
-    pre.add_argument("--resize", type=cli.positive_int, default=None, help="shorter side before the centre crop")
-    pre.add_argument("--input-size", "--crop", dest="input_size", type=cli.positive_int, default=None,
-                     help="centre crop = network input size (as train.py's --input-size)")
+    pre.add_argument("--resize", "--val-resize-size", dest="resize", type=cli.positive_int, default=None,
+                     help="shorter side before the centre crop (as train.py's --val-resize-size)")
+    pre.add_argument("--input-size", "--crop", "--val-crop-size", dest="input_size", type=cli.positive_int,
+                     default=None, help="centre crop = network input size (as train.py's --val-crop-size)")
     pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
     pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)

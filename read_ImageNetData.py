@@ -663,6 +663,39 @@ class TrainSampler(Sampler):
         self.set_epoch(state["epoch"], min(state["consumed"] // self.num_replicas, self.num_samples))
 
 
+class RASampler(TrainSampler):
+    """Repeated augmentation (Hoffer et al. 2020; torchvision's RASampler): each epoch's permutation with
+    every index repeated `repetitions` times in a row, dealt to the ranks in turn, so the copies of an image
+    go to different ranks (in one process: into the same batch) and get their own augmentation.
+
+    An epoch takes as many samples per rank as torchvision's: the dataset size rounded down to a multiple
+    of 256 (not rounded below 256 images, where it would leave nothing), split over the ranks, so each
+    epoch shows a 1/repetitions share of the images, `repetitions` times each. The same (seed, epoch)
+    permutation as TrainSampler; resumable mid-epoch the same way (positions r, r + R, ... of one
+    sequence that does not depend on R, so `consumed` carries over to another world size).
+    """
+
+    def __init__(self, n, num_replicas=1, rank=0, seed=0, repetitions=3):
+        super().__init__(n, num_replicas, rank, seed)
+        if repetitions < 1:
+            raise ValueError(f"repetitions must be at least 1, got {repetitions}")
+        self.repetitions = repetitions
+        kept = n // 256 * 256 if n >= 256 else n
+        self.num_samples = kept // num_replicas
+        self.total = math.ceil(n * repetitions / num_replicas) * num_replicas
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repetitions)
+        if self.total > len(order):
+            order = torch.cat([order, order[:self.total - len(order)]])
+        return iter(order[self.rank:self.total:self.num_replicas][:self.num_samples][self.skip:].tolist())
+
+    def state_dict(self):
+        return dict(super().state_dict(), repetitions=self.repetitions)
+
+
 class EvalSampler(Sampler):
     """Indices rank, rank + R, ...: every image exactly once over all ranks (no padding duplicates)."""
 

@@ -17,14 +17,15 @@ ALLOWED = {
     "MobileNetV2": set(),
     "weights": {"checkpoint", "MobileNetV2"},
     "read_ImageNetData": {"cli"},
+    "augment": set(),
     "distributed": {"cli"},
     "optimization": set(),
     "fused_batchnorm": {"MobileNetV2"},
     "inference": {"checkpoint", "cli"},
     "evaluate": {"checkpoint", "cli", "distributed", "inference", "outputs", "read_ImageNetData", "weights"},
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
-    "train": {"checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2", "optimization",
-              "outputs", "read_ImageNetData", "weights"},
+    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2",
+              "optimization", "outputs", "read_ImageNetData", "weights"},
 }
 
 

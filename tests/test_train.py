@@ -473,7 +473,8 @@ def test_demo_settings_apply_and_explicit_flags_win():
     args = train.check_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
     assert args.num_epochs == 2  # given explicitly
     assert (args.input_size, args.save_path, args.device) == (64, "output/demo", "cpu")
-    assert args.data_dir == "output/demo/data" and args.resize == 73
+    assert args.data_dir == "output/demo/data" and args.val_resize_size == 73
+    assert args.train_crop_size == args.val_crop_size == 64
 
 
 @pytest.mark.parametrize("flag, value, attribute", [("--lr", "0.045", "lr"), ("--hflip", "0.5", "hflip"),
@@ -491,6 +492,8 @@ def test_a_flag_given_with_the_plain_default_value_still_wins_over_demo(flag, va
     ("train", "--num-class", "--num-classes", "num_classes"), ("train", "--workers", "--num-workers", "num_workers"),
     ("train", "--epochs", "--num-epochs", "num_epochs"), ("evaluate", "--crop", "--input-size", "input_size"),
     ("evaluate", "--num-class", "--num-classes", "num_classes"), ("evaluate", "--workers", "--num-workers", "num_workers"),
+    ("evaluate", "--val-resize-size", "--resize", "resize"), ("evaluate", "--val-crop-size", "--input-size", "input_size"),
+    ("train", "--resize", "--val-resize-size", "val_resize_size"),
 ])
 def test_one_flag_spelling_across_scripts_with_the_old_ones_as_aliases(script, old, new, attribute):
     module = __import__(script)
