@@ -15,6 +15,7 @@ Every validation image is counted exactly once, also across processes; a file th
 scored as a miss and reported, never dropped.
 """
 import copy
+import math
 import os
 import sys
 import time
@@ -91,7 +92,8 @@ def _progress_bar(loader, enabled):
 
 
 def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criterion=None,
-             channels_last=True, amp=False, progress=True, collect_predictions=False, per_class=False):
+             channels_last=True, amp=False, progress=True, collect_predictions=False, per_class=False,
+             confusion=False):
     """Score `model` on every batch of `loader`: top-1/top-5 in %, mean loss, images, failed decodes.
 
     Batches are (uint8 images, targets, dataset indices, n_failed) as `read_ImageNetData.build_loader`
@@ -102,7 +104,9 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
 
     collect_predictions adds "predictions": per image {"index", "target", "failed", "top5", "prob5"},
     ordered by dataset index (gathered from all processes). per_class adds "per_class_correct" and
-    "per_class_count" (top-1 hits and images per class index).
+    "per_class_count" (top-1 hits and images per class index) and "mean_class_top1" (top-1 averaged over
+    the classes that have images: the figure transfer-learning benchmarks report). confusion adds
+    "confusion": an int64 [classes, classes] tensor counting (target, top-1 prediction) of the decoded images.
     """
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
@@ -112,7 +116,7 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
     # Running sums stay on the device: reading them every batch would stall a GPU once per batch.
     # top-1 hits, top-5 hits, loss sum, images, failed decodes, images in the loss
     sums = torch.zeros(6, dtype=torch.float64, device=device)
-    class_correct = class_count = None
+    class_correct = class_count = matrix = None
     predictions = []
     # amp: True picks bf16 on CPU and fp16 on CUDA; a dtype (the one training used) is taken as given
     amp_dtype = amp if isinstance(amp, torch.dtype) else (torch.bfloat16 if device.type == "cpu"
@@ -152,6 +156,12 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
                         class_count = torch.zeros(logits.shape[1], dtype=torch.float64, device=device)
                     class_count += torch.bincount(targets, minlength=logits.shape[1])
                     class_correct += torch.bincount(targets[hits[:, 0]], minlength=logits.shape[1])
+                if confusion:
+                    k = logits.shape[1]
+                    if matrix is None:
+                        matrix = torch.zeros(k * k, dtype=torch.int64, device=device)
+                    decoded = ~failed.to(device)
+                    matrix += torch.bincount(targets[decoded] * k + logits[decoded].argmax(1), minlength=k * k)
                 if collect_predictions:
                     predictions += _batch_predictions(logits, targets, indices, failed)
                 if bar is not None and step % 20 == 0:  # a host sync, so not every batch
@@ -169,6 +179,8 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
     if world > 1:
         sums, class_correct, class_count = _all_reduce_sums(sums, class_correct, class_count, device,
                                                             per_class)
+        if confusion:
+            matrix = _all_reduce_matrix(matrix, device)
         if collect_predictions:
             gathered = [None] * world
             dist.all_gather_object(gathered, predictions)
@@ -187,6 +199,11 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
         seen = class_count is not None
         result["per_class_correct"] = [int(c) for c in class_correct.tolist()] if seen else []
         result["per_class_count"] = [int(c) for c in class_count.tolist()] if seen else []
+        present = [100.0 * c / n for c, n in zip(result["per_class_correct"], result["per_class_count"]) if n]
+        result["mean_class_top1"] = sum(present) / len(present) if present else float("nan")
+    if confusion:
+        k = math.isqrt(matrix.numel()) if matrix is not None else 0
+        result["confusion"] = matrix.cpu().view(k, k) if matrix is not None else torch.zeros(0, 0, dtype=torch.int64)
     if collect_predictions:
         result["predictions"] = sorted(predictions, key=lambda p: p["index"])
     return result
@@ -211,6 +228,18 @@ def _all_reduce_sums(sums, class_correct, class_count, device, per_class):
         k = class_count.numel()
         class_correct, class_count = flat[6:6 + k], flat[6 + k:]
     return sums, class_correct, class_count
+
+
+def _all_reduce_matrix(matrix, device):
+    # a rank that got no images does not know the number of classes; every rank must send as much
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([0 if matrix is None else matrix.numel()], device=on)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    if not int(size):
+        return None
+    flat = (matrix if matrix is not None else torch.zeros(int(size), dtype=torch.int64)).to(on)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return flat.cpu()
 
 
 def _batch_predictions(logits, targets, indices, failed):
