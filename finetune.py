@@ -89,21 +89,23 @@ def resolve(args, log=print):
     return args
 
 
-def start_from(model, path, log=print):
-    """Load every tensor of `path` that fits `model` and say what was loaded and what starts afresh."""
+def start_from(model, path, classes, log=print):
+    """Load every tensor of `path` that fits `model` and say what was loaded and what starts afresh. The
+    classifier starts afresh also when its class count fits but the file records other classes than
+    `classes` (the data's): its rows would score other classes."""
     if not path:
         return
-    loaded, initialised, unused = load_matching(model, path)
-    log(f"--pretrained {path}: loaded {len(loaded)} of the model's {len(loaded) + len(initialised)} tensors"
-        + (f"; initialised afresh: {', '.join(initialised)}" if initialised else "")
-        + (f" (the file's {', '.join(unused)} do not fit: {_shape_note(unused, model)})" if unused else ""))
-
-
-def _shape_note(unused, model):
+    data = checkpoint.read_weights(path)
+    saved = checkpoint.meta(data).get("classes") or {}
+    theirs = saved.get("names") if saved.get("order") == "folders" else saved.get("wnids")
+    ours = classes.names if classes.order == "folders" else classes.wnids
+    other_classes = bool(theirs) and list(theirs) != list(ours)
+    loaded, initialised, unused = load_matching(model, data, skip=("classifier.",) if other_classes else ())
     own = model.state_dict()
-    if "classifier.1.weight" in unused and "classifier.1.weight" in own:
-        return f"the file has another class count, this data {own['classifier.1.weight'].shape[0]}"
-    return "other names or shapes"
+    why = ("the file's classes are others than this data's" if other_classes else
+           f"the file has another class count than this data's {len(ours)}")
+    log(f"--pretrained {path}: loaded {len(loaded)} of the model's {len(own)} tensors"
+        + (f"; initialised afresh: {', '.join(initialised)} ({why})" if initialised else ""))
 
 
 # --------------------------------------------------------------------------------------------------

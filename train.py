@@ -833,7 +833,7 @@ def train(args, context, stop, on_step=None):
 
     checkpoint.seed_everything(args.seed)
     model = MobileNetV2(num_classes=data.num_classes, width_mult=args.width_mult, dropout=args.dropout)
-    finetune.start_from(model, args.pretrained if path is None else None, log)
+    finetune.start_from(model, args.pretrained if path is None else None, data.classes, log)
     start = restore(model, path, saved, args.start_epoch, data.num_classes, args.width_mult, args.batch_size,
                     data.train_images, context, log)
     del saved

@@ -320,11 +320,12 @@ def file_config(source):
     return infer_config(state)
 
 
-def load_matching(model, source):
+def load_matching(model, source, skip=()):
     """Load every tensor of a weight file (path, or the dict `read_weights` returned; any layout) whose name
-    and shape fit `model`; the rest of the model keeps its initialisation. Returns (loaded, initialised,
-    unused): the model's keys taken from the file, the model's keys left as they were, the file's keys
-    that did not fit. Nothing loaded at all (another network, another width) is a WeightsError."""
+    and shape fit `model`, except names starting with one of `skip`; the rest of the model keeps its
+    initialisation. Returns (loaded, initialised, unused): the model's keys taken from the file, the model's
+    keys left as they were, the file's keys that were not used. A backbone that mostly does not fit (another
+    width) is a WeightsError."""
     name = str(source) if isinstance(source, (str, Path)) else "weights"
     data = checkpoint.read_weights(source) if isinstance(source, (str, Path)) else source
     try:
@@ -333,11 +334,12 @@ def load_matching(model, source):
     except WeightsError as e:
         raise WeightsError(f"{name}: {e}") from None
     own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    fits = {k: v for k, v in state.items()
+            if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith(tuple(skip))}
     backbone = [k for k in own if not k.startswith("classifier.")]
-    if not any(k in fits for k in backbone):
+    if sum(k in fits for k in backbone) < len(backbone) / 2:  # a few 1280-channel head tensors fit any width
         _, width = infer_config(state)
-        raise WeightsError(f"{name}: none of its backbone tensors fits this model (the file holds a width "
+        raise WeightsError(f"{name}: most of its backbone tensors do not fit this model (the file holds a width "
                            f"{width:g} MobileNetV2); pass --width-mult {width:g}")
     model.load_state_dict(fits, strict=False)
     return list(fits), [k for k in own if k not in fits], [k for k in state if k not in fits]

@@ -3,8 +3,8 @@
 
     python -m pytest tests/test_finetune.py -q
 
-A width-0.25 network trained for a few seconds on the demo digits (ImageNet layout, 1000 classes) is the
-"ImageNet weights"; the user's photos are the digits again as class folders with odd names and mixed files.
+A width-0.25 network trained for a few seconds on the demo digits in folders named zero..nine stands for
+ImageNet weights; the user's photos are other digits as class folders with odd names and mixed files.
 """
 import hashlib
 import socket
@@ -21,7 +21,6 @@ import train
 import weights
 from helpers import load_checkpoint, run_main, run_script
 from MobileNetV2 import MobileNetV2
-from read_ImageNetData import make_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,11 +37,11 @@ def train_args(data, out, *extra):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """The weights to start from: 1000 classes, trained on 40 demo digits per class (a few seconds)."""
+    """The weights to start from: trained on 40 digits per class in folders named zero..nine (seconds)."""
     root = tmp_path_factory.mktemp("source")
-    data = make_demo(root / "data", seed=1, train_per_class=40, val_per_class=2, image_size=32)
-    args = train_args(data, root / "out", "--width-mult", "0.25", "--batch-size", "16", "--num-epochs", "6",
-                      "--lr", "0.05", "--lr-schedule", "cosine", "--hflip", "0", "--crop-scale-min", "0.35",
+    data = image_folders.make_demo(root / "digits", seed=1, per_class=40)
+    args = train_args(data, root / "out", "--width-mult", "0.25", "--batch-size", "16", "--num-epochs", "10",
+                      "--lr", "0.02", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--no-augment",
                       "--save-epoch-freq", "100")
     assert run_main(train, args) == 0
     return root / "out" / "last.pth"
@@ -81,7 +80,8 @@ def test_finetune_from_a_trained_checkpoint_beats_training_from_scratch(finetune
     scratch = finetune_run(photos, tmp_path / "scratch", "--lr", "0.01", "--warmup-epochs", "1")
     best_tuned = max(m["val_top1"] for m in tuned["metrics"])
     best_scratch = max(m["val_top1"] for m in scratch["metrics"])
-    assert best_tuned >= 70 and best_tuned - best_scratch >= 40, (best_tuned, best_scratch)
+    # the source itself reaches about 70% on its own digits; from scratch stays near chance (10%)
+    assert best_tuned >= 40 and best_tuned - best_scratch >= 25, (best_tuned, best_scratch)
 
 
 def test_names_travel_from_the_folders_through_the_checkpoint_to_evaluate(finetuned, photos, capsys):
@@ -116,7 +116,7 @@ def test_pretrained_loads_every_tensor_that_fits_and_starts_the_classifier_afres
     tuned = finetune_run(photos, tmp_path / "out", "--pretrained", source, "--num-epochs", "1", "--freeze-backbone")
     printed = capsys.readouterr().out
     assert (f"--pretrained {source}: loaded 312 of the model's 314 tensors; initialised afresh: "
-            "classifier.1.weight, classifier.1.bias") in printed
+            "classifier.1.weight, classifier.1.bias (the file's classes are others than this data's)") in printed
     file = load_checkpoint(source)["model"]
     model = tuned["model"]
     # frozen: every backbone tensor, BatchNorm statistics included, is the file's; the classifier learned
@@ -248,3 +248,18 @@ def test_mean_per_class_accuracy_and_the_confusion_matrix_count_exactly(tmp_path
     outputs.plot_confusion(many, [f"class {i}" for i in range(40)], tmp_path / "pairs.png")
     for name in ("matrix.png", "pairs.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_matching_takes_what_fits_and_names_a_width_that_does_not(tmp_path):
+    torch.manual_seed(0)
+    imagenet = MobileNetV2(width_mult=0.25)
+    torch.save({"module." + k: v for k, v in imagenet.state_dict().items()}, tmp_path / "imagenet.pth")
+    model = MobileNetV2(num_classes=3, width_mult=0.25)
+    init = model.classifier[1].weight.clone()
+    loaded, initialised, unused = weights.load_matching(model, tmp_path / "imagenet.pth")
+    assert (len(loaded), initialised, unused) == (312, ["classifier.1.weight", "classifier.1.bias"],
+                                                  ["classifier.1.weight", "classifier.1.bias"])
+    assert torch.equal(model.features[5].conv[1][0].weight, imagenet.features[5].conv[1][0].weight)
+    assert torch.equal(model.classifier[1].weight, init)
+    with pytest.raises(weights.WeightsError, match="width 0.25 MobileNetV2; pass --width-mult 0.25"):
+        weights.load_matching(MobileNetV2(num_classes=3, width_mult=0.5), tmp_path / "imagenet.pth")
