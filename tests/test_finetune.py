@@ -261,5 +261,5 @@ def test_load_matching_takes_what_fits_and_names_a_width_that_does_not(tmp_path)
                                                   ["classifier.1.weight", "classifier.1.bias"])
     assert torch.equal(model.features[5].conv[1][0].weight, imagenet.features[5].conv[1][0].weight)
     assert torch.equal(model.classifier[1].weight, init)
-    with pytest.raises(weights.WeightsError, match="width 0.25 MobileNetV2; pass --width-mult 0.25"):
+    with pytest.raises(weights.WeightsError, match=r"width 0.25 MobileNetV2\); pass --width-mult 0.25"):
         weights.load_matching(MobileNetV2(num_classes=3, width_mult=0.5), tmp_path / "imagenet.pth")
