@@ -15,6 +15,7 @@ Every validation image is counted exactly once, also across processes; a file th
 scored as a miss and reported, never dropped.
 """
 import copy
+import math
 import os
 import sys
 import time
@@ -29,14 +30,15 @@ from torch import nn
 import checkpoint
 import cli
 import distributed
+import image_folders
 import inference
 import outputs
 from cli import UsageError
-from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataError, EvalSampler,
-                               ImageNetDataset, build_loader, eval_transform, find_layout, is_image, list_samples,
-                               normalize, read_classes)
+from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, NUM_CLASSES, Classes, DataError,
+                               EvalSampler, ImageNetDataset, build_loader, eval_transform, find_layout, is_image,
+                               list_samples, normalize, read_classes)
 from weights import (DOWNLOADABLE, KNOWN_WEIGHTS, PRETRAINED_DIR, WeightsError, fetch_public_weights, known_weights,
-                     load_model, sha256_of, torchvision_categories)
+                     load_model, sha256_of)
 
 # torchvision's evaluation preprocessing, the default for files that do not say otherwise.
 DEFAULT_PREPROCESSING = {"resize": 256, "input_size": 224, "interpolation": "bilinear",
@@ -91,7 +93,8 @@ def _progress_bar(loader, enabled):
 
 
 def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criterion=None,
-             channels_last=True, amp=False, progress=True, collect_predictions=False, per_class=False):
+             channels_last=True, amp=False, progress=True, collect_predictions=False, per_class=False,
+             confusion=False):
     """Score `model` on every batch of `loader`: top-1/top-5 in %, mean loss, images, failed decodes.
 
     Batches are (uint8 images, targets, dataset indices, n_failed) as `read_ImageNetData.build_loader`
@@ -102,7 +105,9 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
 
     collect_predictions adds "predictions": per image {"index", "target", "failed", "top5", "prob5"},
     ordered by dataset index (gathered from all processes). per_class adds "per_class_correct" and
-    "per_class_count" (top-1 hits and images per class index).
+    "per_class_count" (top-1 hits and images per class index) and "mean_class_top1" (top-1 averaged over
+    the classes that have images: the figure transfer-learning benchmarks report). confusion adds
+    "confusion": an int64 [classes, classes] tensor counting (target, top-1 prediction) of the decoded images.
     """
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
@@ -112,7 +117,7 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
     # Running sums stay on the device: reading them every batch would stall a GPU once per batch.
     # top-1 hits, top-5 hits, loss sum, images, failed decodes, images in the loss
     sums = torch.zeros(6, dtype=torch.float64, device=device)
-    class_correct = class_count = None
+    class_correct = class_count = matrix = None
     predictions = []
     # amp: True picks bf16 on CPU and fp16 on CUDA; a dtype (the one training used) is taken as given
     amp_dtype = amp if isinstance(amp, torch.dtype) else (torch.bfloat16 if device.type == "cpu"
@@ -152,6 +157,12 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
                         class_count = torch.zeros(logits.shape[1], dtype=torch.float64, device=device)
                     class_count += torch.bincount(targets, minlength=logits.shape[1])
                     class_correct += torch.bincount(targets[hits[:, 0]], minlength=logits.shape[1])
+                if confusion:
+                    k = logits.shape[1]
+                    if matrix is None:
+                        matrix = torch.zeros(k * k, dtype=torch.int64, device=device)
+                    decoded = ~failed.to(device)
+                    matrix += torch.bincount(targets[decoded] * k + logits[decoded].argmax(1), minlength=k * k)
                 if collect_predictions:
                     predictions += _batch_predictions(logits, targets, indices, failed)
                 if bar is not None and step % 20 == 0:  # a host sync, so not every batch
@@ -169,6 +180,8 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
     if world > 1:
         sums, class_correct, class_count = _all_reduce_sums(sums, class_correct, class_count, device,
                                                             per_class)
+        if confusion:
+            matrix = _all_reduce_matrix(matrix, device)
         if collect_predictions:
             gathered = [None] * world
             dist.all_gather_object(gathered, predictions)
@@ -187,6 +200,11 @@ def evaluate(model, loader, device, mean=IMAGENET_MEAN, std=IMAGENET_STD, criter
         seen = class_count is not None
         result["per_class_correct"] = [int(c) for c in class_correct.tolist()] if seen else []
         result["per_class_count"] = [int(c) for c in class_count.tolist()] if seen else []
+        present = [100.0 * c / n for c, n in zip(result["per_class_correct"], result["per_class_count"]) if n]
+        result["mean_class_top1"] = sum(present) / len(present) if present else float("nan")
+    if confusion:
+        k = math.isqrt(matrix.numel()) if matrix is not None else 0
+        result["confusion"] = matrix.cpu().view(k, k) if matrix is not None else torch.zeros(0, 0, dtype=torch.int64)
     if collect_predictions:
         result["predictions"] = sorted(predictions, key=lambda p: p["index"])
     return result
@@ -211,6 +229,18 @@ def _all_reduce_sums(sums, class_correct, class_count, device, per_class):
         k = class_count.numel()
         class_correct, class_count = flat[6:6 + k], flat[6 + k:]
     return sums, class_correct, class_count
+
+
+def _all_reduce_matrix(matrix, device):
+    # a rank that got no images does not know the number of classes; every rank must send as much
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([0 if matrix is None else matrix.numel()], device=on)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    if not int(size):
+        return None
+    flat = (matrix if matrix is not None else torch.zeros(int(size), dtype=torch.int64)).to(on)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return flat.cpu()
 
 
 def _batch_predictions(logits, targets, indices, failed):
@@ -289,7 +319,10 @@ def get_args_parser(add_help=True):
                    help="where named public weights are stored")
 
     data = p.add_argument_group("data (named as in train.py)")
-    data.add_argument("--data-dir", type=Path, default=None, help="ImageNet root (devkit + val images)")
+    data.add_argument("--data-dir", type=Path, default=None,
+                      help="ImageNet root (devkit + val images), or a folder of classes (D/val/<class>/, or "
+                           "D/<class>/: the images a checkpoint held out with --val-split, else all), matched to "
+                           "the weights' classes by name")
     data.add_argument("--batch-size", "-b", type=cli.positive_int, default=64)
     data.add_argument("--num-workers", "--workers", "-j", dest="num_workers", type=cli.non_negative_int, default=min(8, os.cpu_count() or 1),
                       help="loader processes per evaluation process (default: min(8, CPU count), as train.py)")
@@ -314,8 +347,11 @@ def get_args_parser(add_help=True):
 
     out = p.add_argument_group("outputs")
     out.add_argument("--json", type=Path, default=None, help="write the results as JSON")
-    out.add_argument("--per-class", type=Path, default=None,
-                     help="write per-class top-1 as CSV (index, wnid, name, top1, count)")
+    out.add_argument("--per-class", type=Path, nargs="?", const="-", default=None, metavar="FILE",
+                     help="print top-1 of each class and the most confused pairs; with FILE also write them as "
+                          "CSV (index, wnid, name, top1, count)")
+    out.add_argument("--confusion", type=Path, default=None, metavar="FILE.png",
+                     help="draw the confusion matrix (for more than 30 classes: the most confused pairs)")
     out.add_argument("--predictions", type=Path, default=None, help="write per-image top-5 as CSV")
     out.add_argument("--topk", type=cli.positive_int, default=5, help="classes shown per single image")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -419,10 +455,11 @@ def class_names(args, meta, order, num_classes):
             pass  # no devkit there: the next source of names will do
     saved = meta.get("classes") or {}
     if saved.get("names") and len(saved["names"]) == num_classes:
-        return list(saved.get("wnids") or [""] * num_classes), list(saved["names"])
-    categories = torchvision_categories()
-    if categories and num_classes == len(categories) and order == "sorted":
-        return [""] * num_classes, categories
+        return (list(saved.get("wnids") or [""] * num_classes),
+                [image_folders.display_name(name) for name in saved["names"]])
+    if num_classes == NUM_CLASSES and order == "sorted":
+        wnids, names, _ = image_folders.imagenet_classes()  # torchvision's names, with their WNIDs
+        return list(wnids), list(names)
     return [""] * num_classes, [f"class {i}" for i in range(num_classes)]
 
 
@@ -445,8 +482,9 @@ def run(args):
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
     for flag, path in (("--json", args.json), ("--per-class", args.per_class), ("--predictions", args.predictions),
-                       ("--export-onnx", args.export_onnx), ("--export-torchscript", args.export_torchscript)):
-        if path is not None:
+                       ("--confusion", args.confusion), ("--export-onnx", args.export_onnx),
+                       ("--export-torchscript", args.export_torchscript)):
+        if path is not None and str(path) != "-":  # --per-class alone prints, writes nothing
             outputs.check_writable(path, flag)  # now, not after the whole scoring pass
     if device.type == "cuda" and not args.amp:
         # Scores in float32 as on the CPU: cuDNN's TF32 default rounds every convolution's inputs to
@@ -576,7 +614,7 @@ def run_predict(args, job):
             continue
         print(f)
         for i, prob in top:
-            print(f"  {100 * prob:6.2f}%  {i:4d}  {wnids[i]:9s}  {names[i]}".rstrip())
+            print(f"  {100 * prob:6.2f}%  {i:4d}  {wnids[i] + '  ' if wnids[i] else ''}{names[i]}")
         out.append({"file": str(f), "top": [{"index": i, "wnid": wnids[i], "name": names[i], "prob": prob}
                                             for i, prob in top]})
     if errors:
@@ -586,7 +624,8 @@ def run_predict(args, job):
     return out
 
 
-def run_scoring(args, job, log):
+def imagenet_samples(args, job):
+    """[(path, label)] of an ImageNet layout's val images and its Classes, checked against the weights'."""
     layout = find_layout(args.data_dir)
     classes = read_classes(layout, job.order)
     if len(classes.wnids) != job.num_classes:
@@ -597,7 +636,29 @@ def run_scoring(args, job, log):
         first = next(i for i, (a, b) in enumerate(zip(saved, classes.wnids)) if a != b)
         raise EvaluationError(f"the checkpoint's class {first} is {saved[first]} but {args.data_dir} "
                               f"puts {classes.wnids[first]} there; the devkit differs from the training one")
-    samples = list_samples(layout, "val", classes)
+    return list_samples(layout, "val", classes), classes
+
+
+def folder_samples(args, job, log):
+    """[(path, the model's class index)] of a folder dataset, matched by class name (by WNID for ImageNet
+    weights), and the model's Classes with the names to report."""
+    saved = job.meta.get("classes")
+    recorded = (job.meta.get("data") or {}).get("val_split")
+    samples, index = image_folders.scoring_samples(
+        args.data_dir, lambda folders: image_folders.model_index(folders, saved, job.num_classes, job.order, log),
+        recorded, log)
+    wnids, names = class_names(args, job.meta, job.order, job.num_classes)
+    for folder, i in index.items():
+        if names[i] == f"class {i}":  # weights without names, matched by position: the folder names it
+            names[i] = folder
+    return samples, Classes(job.order, wnids, names, [0] * job.num_classes)
+
+
+def run_scoring(args, job, log):
+    if image_folders.is_imagenet_layout(args.data_dir):
+        samples, classes = imagenet_samples(args, job)
+    else:
+        samples, classes = folder_samples(args, job, log)
     if not samples:
         raise DataError(f"{args.data_dir}: no validation images found")
     if args.max_images:
@@ -609,20 +670,41 @@ def run_scoring(args, job, log):
                           num_workers=args.num_workers)
     stats = evaluate(job.model, loader, job.device, mean=pre["mean"], std=pre["std"],
                      channels_last=job.channels_last, amp=args.amp, progress=not args.no_progress,
-                     collect_predictions=bool(args.predictions), per_class=bool(args.per_class))
-    log(f"top-1 {stats['top1']:.3f}%  top-5 {stats['top5']:.3f}%  loss {stats['loss']:.4f}  "
+                     collect_predictions=bool(args.predictions), per_class=True,
+                     confusion=bool(args.per_class or args.confusion))
+    log(f"top-1 {stats['top1']:.3f}%  top-5 {stats['top5']:.3f}%  mean per-class top-1 "
+        f"{stats['mean_class_top1']:.3f}%  loss {stats['loss']:.4f}  "
         f"images {stats['images']} (failed to decode: {stats['failed']})  "
         f"{stats['images_per_s']:.1f} images/s on {job.world} x {job.device.type}")
     if stats["failed"]:
         log(f"warning: {stats['failed']} images did not decode and were scored as misses")
     correct, count = stats.pop("per_class_correct", None), stats.pop("per_class_count", None)
-    predictions = stats.pop("predictions", None)
+    predictions, confusion = stats.pop("predictions", None), stats.pop("confusion", None)
     if job.rank == 0:
         if args.per_class:
-            write_output(args.per_class, write_per_class, correct, count, classes)
+            stats["per_class"] = report_per_class(correct, count, confusion, classes, log)
+            if str(args.per_class) != "-":
+                write_output(args.per_class, write_per_class, correct, count, classes)
+        if args.confusion:
+            write_output(args.confusion, lambda path: outputs.plot_confusion(confusion, classes.names, path))
+            log(f"wrote {args.confusion}")
         if args.predictions:
             write_output(args.predictions, write_predictions, predictions, samples, classes)
     return stats
+
+
+def report_per_class(correct, count, confusion, classes, log):
+    """Print top-1 of every class that has images and the most confused pairs; return the rows."""
+    rows = [{"index": i, "name": classes.names[i], "top1": 100.0 * c / n, "count": n}
+            for i, (c, n) in enumerate(zip(correct, count)) if n]
+    log(f"per class ({len(rows)} with images): top-1, images, name")
+    for row in rows:
+        log(f"  {row['index']:4d}  {row['top1']:7.2f}%  {row['count']:6d}  {row['name']}")
+    pairs = outputs.confused_pairs(confusion, top=5)
+    if pairs:
+        log("most confused (true -> predicted): " + "; ".join(
+            f"{classes.names[t]} -> {classes.names[p]} ({n})" for t, p, n in pairs))
+    return rows
 
 
 def write_per_class(path, correct, count, classes):

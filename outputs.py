@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 from cli import ScriptError, UsageError
@@ -25,7 +26,7 @@ except ImportError:  # elsewhere the output directory is not locked
     fcntl = None
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-                 "ema_val_top1", "ema_val_top5", "images_per_s", "seconds", "skipped_steps", "failed_images"]
+                 "val_mean_class_top1", "ema_val_top1", "ema_val_top5", "images_per_s", "seconds", "skipped_steps", "failed_images"]
 
 
 class OutputError(ScriptError, OSError):
@@ -265,3 +266,69 @@ def check_writable(path, flag):
         os.unlink(probe)
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e}); choose another path") from None
+
+
+# Up to this many classes the confusion matrix is drawn whole, each cell readable; beyond, the most
+# confused pairs say more than a wall of near-empty cells.
+CONFUSION_MATRIX_MAX_CLASSES = 30
+
+
+def plot_confusion(matrix, names, path, top_pairs=20):
+    """confusion.png: the confusion matrix (rows: true class, columns: predicted; each row as a share of
+    its images) for up to CONFUSION_MATRIX_MAX_CLASSES classes with images, else the `top_pairs` most
+    confused (true -> predicted) pairs. `matrix` counts (true, predicted) pairs; `names` label the classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    rows = np.flatnonzero(counts.sum(1))
+    shown = np.union1d(rows, np.flatnonzero(counts.sum(0)))
+    if len(shown) <= CONFUSION_MATRIX_MAX_CLASSES:
+        sub = counts[np.ix_(shown, shown)]
+        share = sub / np.maximum(sub.sum(1, keepdims=True), 1)
+        size = 3 + 0.35 * len(shown)
+        fig, ax = plt.subplots(figsize=(size + 1.5, size))
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        labels = [names[i] for i in shown]
+        ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(shown)), labels, fontsize=8)
+        for r in range(len(shown)):
+            for c in range(len(shown)):
+                if sub[r, c]:
+                    ax.text(c, r, str(sub[r, c]), ha="center", va="center", fontsize=7,
+                            color="white" if share[r, c] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        correct = int(np.trace(counts))
+        ax.set_title(f"confusion: {correct} of {int(counts.sum())} right")
+        fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    else:
+        pairs = confused_pairs(counts, top_pairs)
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * max(len(pairs), 1)))
+        if pairs:
+            ax.barh(range(len(pairs)), [n for _, _, n in pairs], color="tab:red")
+            ax.set_yticks(range(len(pairs)), [f"{names[t]} -> {names[p]}" for t, p, _ in pairs], fontsize=8)
+            ax.invert_yaxis()
+        ax.set_xlabel("images (true -> predicted)")
+        ax.set_title(f"the {len(pairs)} most confused pairs of {len(rows)} classes")
+    image = io.BytesIO()
+    with warnings.catch_warnings():  # a name in a script the font lacks is drawn as boxes; the CSV keeps it
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(image, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(path, image.getvalue())
+
+
+def confused_pairs(matrix, top=10):
+    """[(true, predicted, count)] of the most frequent mistakes, largest first."""
+    import numpy as np
+
+    off = np.asarray(matrix, dtype=np.int64).copy()
+    if off.size == 0:
+        return []
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None, kind="stable")[::-1][:top]
+    return [(int(i // off.shape[1]), int(i % off.shape[1]), int(off.flat[i])) for i in flat if off.flat[i] > 0]

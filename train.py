@@ -34,7 +34,9 @@ import augment
 import checkpoint
 import cli
 import distributed
+import finetune
 import fused_batchnorm
+import image_folders
 import optimization
 import outputs
 from checkpoint import CheckpointError, WeightsError
@@ -42,9 +44,8 @@ from cli import UsageError
 from evaluate import evaluate
 from MobileNetV2 import MobileNetV2
 from read_ImageNetData import (DEMO_MARKER, IMAGENET_MEAN, IMAGENET_STD, EvalSampler, RASampler, TrainSampler,
-                               TrainTransform, build_datasets, build_loader, demo_is_complete, make_demo,
-                               normalize)
-from weights import load_model
+                               TrainTransform, build_loader, demo_is_complete, eval_transform, make_demo, normalize)
+from weights import PRETRAINED_DIR, load_model
 
 # `--demo`: the settings that reach >= 90% val top-1 on the generated digits data in a few minutes on two
 # CPU cores (measured; see README). They are defaults: a flag given on the command line always wins.
@@ -79,10 +80,13 @@ class Preempted(cli.ScriptError):
 
 
 def _presets(args):
-    """The defaults the command line selects: the recipe's, then the demo's (see DEMO_METHOD)."""
+    """The defaults the command line selects: the recipe's, then the demo's (see DEMO_METHOD); without a
+    named recipe, those of fine-tuning (--pretrained, --freeze-backbone: see finetune.py) last."""
     chosen = recipe_defaults(args.recipe)
     if args.demo:
         chosen.update({k: v for k, v in DEMO_SETTINGS.items() if args.recipe == "seed" or k not in DEMO_METHOD})
+    if args.recipe == "seed":
+        chosen.update(finetune.presets(args))
     return chosen
 
 
@@ -101,11 +105,14 @@ def get_args_parser(add_help=True):
                                "400 epochs, no dropout), which follows the paper (Sandler et al. 2018, Sec. 6.1: "
                                "RMSProp there; the seed reproduced it with SGD).")
     seed = p.add_argument_group("the seed's flags (same meaning)")
-    seed.add_argument("--data-dir", default="/ImageNet", help="ImageNet root in the seed's layout or train/ + val/")
+    seed.add_argument("--data-dir", default="/ImageNet",
+                      help="ImageNet root in the seed's layout or train/ + val/; or any folder of classes: "
+                           "D/train/<class>/ + D/val/<class>/, or D/<class>/ with --val-split")
     seed.add_argument("--batch-size", "-b", type=cli.positive_int, default=256,
                       help="global batch, split evenly over the processes (seed)")
-    seed.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=1000,
-                      help="number of classes (seed: --num-class)")
+    seed.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=None,
+                      help="number of classes (seed: --num-class); default: from the data (ImageNet: 1000), "
+                           "which it must agree with")
     seed.add_argument("--num-epochs", "--epochs", dest="num_epochs", type=cli.positive_int, default=400,
                       help="total epochs (seed)")
     seed.add_argument("--lr", type=cli.positive_float, default=0.045, help="base learning rate (seed, paper)")
@@ -159,7 +166,8 @@ def get_args_parser(add_help=True):
                      help="stop after this many non-finite losses in a row (each such step is skipped)")
 
     model = p.add_argument_group("model and data")
-    model.add_argument("--width-mult", type=cli.positive_float, default=1.0, help="width multiplier (paper: 1.0)")
+    model.add_argument("--width-mult", type=cli.positive_float, default=1.0,
+                       help="width multiplier (paper: 1.0; with --pretrained: the file's)")
     model.add_argument("--input-size", type=cli.positive_int, default=224,
                        help="training and validation crop where --train-crop-size/--val-crop-size are not "
                             "given (paper: 224)")
@@ -201,6 +209,34 @@ def get_args_parser(add_help=True):
                      help="train on a small generated digits dataset on the CPU (built in output/demo/data if "
                           "absent); its settings are defaults: flags given explicitly win")
     add_recipe_arguments(p)
+
+    tl = p.add_argument_group("fine-tuning on your own images (finetune.py, image_folders.py)")
+    tl.add_argument("--pretrained", default=None, metavar="FILE|torchvision-v1|torchvision-v2",
+                    help="start from these weights (any layout evaluate.py reads; the names are fetched into "
+                         "--pretrained-dir): every tensor that fits is loaded, a classifier for another class "
+                         "count starts afresh. Selects the fine-tuning recipe as defaults: "
+                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in finetune.FINETUNE_RECIPE.items()
+                                     if v is not None))
+    tl.add_argument("--pretrained-dir", type=Path, default=PRETRAINED_DIR, help="where named public weights are stored")
+    tl.add_argument("--freeze-backbone", action="store_true",
+                    help="train only the classifier; the backbone's BatchNorm stays in eval mode. Selects as "
+                         "defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
+                                                  f"--{'' if v else 'no-'}{k}" for k, v in
+                                                  finetune.LINEAR_PROBE_RECIPE.items()))
+    tl.add_argument("--val-split", type=cli.fraction, default=None,
+                    help="hold out this fraction of each class for validation when the data has no val/ "
+                         "(seeded by --seed, recorded in the checkpoints: a resume and evaluate.py use the same)")
+    tl.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                    help="normalisation mean on 0..1 RGB (default: the --pretrained file's, else ImageNet's); "
+                         "recorded in the checkpoints for evaluate.py")
+    tl.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None,
+                    help="normalisation std (default: the --pretrained file's, else ImageNet's)")
+    tl.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="random-resized crops and flips for training; --no-augment trains on the validation "
+                         "transform (resize + centre crop)")
+    tl.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --freeze-backbone and --no-augment: compute the backbone's pooled features once "
+                         "and train the classifier on them (same result, seconds instead of minutes)")
     return p
 
 
@@ -333,7 +369,7 @@ def check_args(args):
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return args
+    return finetune.resolve(args)
 
 
 def plain_args(args):
@@ -422,26 +458,42 @@ class Data:
     steps_per_epoch: int
     preprocessing: dict
 
+    @property
+    def num_classes(self):
+        return len(self.classes.wnids)
+
 
 def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_size, val_resize_size, interpolation,
                crop_scale_min, hflip, batch_size, num_workers, seed, context, log, after_crop=None, ra_reps=0,
-               accum_steps=1):
-    """Datasets, samplers and loaders for this rank; labels as `read_ImageNetData` assigns them.
-    `after_crop` (augment.after_crop) runs after the crop in the loader processes; `ra_reps` > 0 samples
-    with repeated augmentation; each optimizer step takes `accum_steps` loader batches."""
+               accum_steps=1, *, val_split=None, recorded_split=None, train_augment=True, mean=IMAGENET_MEAN,
+               std=IMAGENET_STD):
+    """Datasets, samplers and loaders for this rank; labels as `image_folders` (ImageNet: `read_ImageNetData`)
+    assigns them. `after_crop` (augment.after_crop) runs after the crop in the loader processes; `ra_reps` > 0
+    samples with repeated augmentation; each optimizer step takes `accum_steps` loader batches;
+    `train_augment` False trains on the validation transform; `recorded_split`: the held-out files of the
+    checkpoint being resumed."""
     if batch_size % (context.world_size * accum_steps):
         raise UsageError(f"--batch-size {batch_size} does not split evenly over {context.world_size} processes "
                          f"x --accum-steps {accum_steps}")
     per_rank = batch_size // context.world_size
-    train_set, val_set, classes, _ = build_datasets(data_dir, class_order, val_crop_size, val_resize_size,
-                                                    interpolation)
+    found = image_folders.build_datasets(data_dir, class_order, val_crop_size, val_resize_size, interpolation,
+                                         val_split=val_split, seed=seed, recorded_split=recorded_split,
+                                         num_classes=num_classes, log=log)
+    train_set, val_set, classes = found.train, found.val, found.classes
+    if found.note:
+        log(found.note)
     if train_set is None or len(train_set) == 0:
         raise UsageError(f"--data-dir {data_dir}: no training images found")
-    train_set.transform = TrainTransform(train_crop_size, scale=(crop_scale_min, 1.0), hflip=hflip,
-                                         interpolation=interpolation)
-    if after_crop is not None:
-        train_set.transform = augment.Chain(train_set.transform, after_crop)
-    if len(classes.wnids) != num_classes:
+    if not train_augment:
+        if after_crop is not None:
+            raise UsageError("--no-augment trains on centre crops: drop --auto-augment and --random-erase")
+        train_set.transform = eval_transform(val_crop_size, val_resize_size, interpolation)
+    else:
+        train_set.transform = TrainTransform(train_crop_size, scale=(crop_scale_min, 1.0), hflip=hflip,
+                                             interpolation=interpolation)
+        if after_crop is not None:
+            train_set.transform = augment.Chain(train_set.transform, after_crop)
+    if num_classes is not None and len(classes.wnids) != num_classes:
         raise UsageError(f"--num-classes {num_classes}, but {data_dir} has {len(classes.wnids)} classes")
     if ra_reps:
         sampler = RASampler(len(train_set), num_replicas=context.world_size, rank=context.rank, seed=seed,
@@ -463,7 +515,8 @@ def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_siz
     else:
         log(f"warning: no validation images in {data_dir}; best.pth follows nothing, only last.pth is kept")
     preprocessing = {"input_size": val_crop_size, "resize": val_resize_size, "interpolation": interpolation,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "train_crop_size": train_crop_size}
+                     "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+                     "train_crop_size": train_crop_size, "dataset": found.kind, "val_split": found.val_split}
     return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
                 per_rank, steps_per_epoch, preprocessing)
 
@@ -639,6 +692,9 @@ class Learner:
     accum_steps: int = 1        # loader batches (forward/backward passes) per optimizer step
     clip_grad_norm: float = None
     mix: augment.MixupCutmix = None
+    mean: tuple = IMAGENET_MEAN  # input normalisation, recorded in the checkpoints
+    std: tuple = IMAGENET_STD
+    on_features: object = None  # model -> its part that runs on cached backbone features (frozen backbone)
 
 
 def build_learner(model, args, start, context, log):
@@ -648,6 +704,7 @@ def build_learner(model, args, start, context, log):
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if device.type == "cpu" and args.channels_last and args.fused_bn:
         use_fused_batchnorm(model, log)
+    finetune.freeze_backbone(model, args.freeze_backbone, log)
     ema = None
     if args.model_ema:
         decay = optimization.ema_decay(args.model_ema_decay, args.model_ema_steps, args.batch_size, args.num_epochs,
@@ -665,9 +722,9 @@ def build_learner(model, args, start, context, log):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    optimizer = optimization.build_optimizer(raw, args.lr, args.momentum, args.weight_decay,
-                                             not args.no_decay_norm_bias, opt=args.opt, eps=args.opt_eps,
-                                             norm_weight_decay=args.norm_weight_decay,
+    optimizer = optimization.build_optimizer(raw.classifier if args.freeze_backbone else raw, args.lr, args.momentum,
+                                             args.weight_decay, not args.no_decay_norm_bias, opt=args.opt,
+                                             eps=args.opt_eps, norm_weight_decay=args.norm_weight_decay,
                                              bias_weight_decay=args.bias_weight_decay)
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -675,7 +732,7 @@ def build_learner(model, args, start, context, log):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UsageError(f"{start.path}: optimizer state does not fit ({e}); keep --opt, "
+            raise UsageError(f"{start.path}: optimizer state does not fit ({e}); keep --opt, --freeze-backbone, "
                              "--no-decay-norm-bias and --norm/--bias-weight-decay as in the original run") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -684,10 +741,21 @@ def build_learner(model, args, start, context, log):
                                        args.lr_warmup_decay)
     mix = None
     if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
-        mix = augment.MixupCutmix(args.mixup_alpha, args.cutmix_alpha, args.num_classes)
+        mix = augment.MixupCutmix(args.mixup_alpha, args.cutmix_alpha, raw.config["num_classes"])
     return Learner(model, raw, optimization.build_criterion(args.label_smoothing), optimizer, schedule, device,
                    scaler, amp_dtype, args.channels_last, ema, args.max_nonfinite, args.accum_steps,
-                   args.clip_grad_norm, mix)
+                   args.clip_grad_norm, mix, tuple(args.mean), tuple(args.std))
+
+
+def probe_on_cached_features(learner, data, args, context, log):
+    """A frozen backbone without augmentation sees the same images every epoch: its features are computed
+    once and the classifier trains on them (`finetune.use_cached_features`); otherwise nothing changes."""
+    if not (args.freeze_backbone and not args.augment and args.cache_features):
+        return learner, data
+
+    def wrap(head):
+        return nn.parallel.DistributedDataParallel(head) if context.distributed else head
+    return finetune.use_cached_features(learner, data, args.num_workers, wrap, log)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -847,7 +915,8 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
             for k, (images, targets, batch_indices, failed) in enumerate(group):
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                x = normalize(images, channels_last=learner.channels_last)
+                x = (normalize(images, learner.mean, learner.std, channels_last=learner.channels_last)
+                     if images.dtype == torch.uint8 else images)  # uint8 images, or cached backbone features
                 if x.dtype != input_dtype:
                     x = x.to(input_dtype)
                 target = targets
@@ -935,20 +1004,31 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
 
 
 def validate(learner, val_loader, show_progress):
-    """{val_loss, val_top1, val_top5, ema_val_top1, ema_val_top5}: NaN/None where there is nothing to score."""
+    """({val_loss, val_top1, val_top5, val_mean_class_top1, ema_val_top1, ema_val_top5}: NaN/None where there
+    is nothing to score, the confusion matrix or None)."""
     out = {"val_loss": float("nan"), "val_top1": float("nan"), "val_top5": float("nan"),
-           "ema_val_top1": None, "ema_val_top5": None}
+           "val_mean_class_top1": float("nan"), "ema_val_top1": None, "ema_val_top5": None}
     if val_loader is None:
-        return out
+        return out, None
     amp = learner.amp_dtype is not None
-    val = evaluate(learner.raw, val_loader, learner.device, channels_last=learner.channels_last, amp=amp,
-                   progress=show_progress)
-    out.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+    scored = learner.on_features or (lambda model: model)
+    channels_last = learner.channels_last and learner.on_features is None
+    val = evaluate(scored(learner.raw), val_loader, learner.device, mean=learner.mean, std=learner.std,
+                   channels_last=channels_last, amp=amp, progress=show_progress, per_class=True, confusion=True)
+    out.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
+               val_mean_class_top1=val["mean_class_top1"])
     if learner.ema is not None:
-        val_ema = evaluate(learner.ema.module, val_loader, learner.device, channels_last=learner.channels_last,
-                           amp=amp, progress=False)
+        val_ema = evaluate(scored(learner.ema.module), val_loader, learner.device, mean=learner.mean,
+                           std=learner.std, channels_last=channels_last, amp=amp, progress=False)
         out.update(ema_val_top1=val_ema["top1"], ema_val_top5=val_ema["top5"])
-    return out
+    return out, val["confusion"]
+
+
+def write_confusion(confusion, classes, save_path):
+    """confusion.png of the latest validation (rank 0), with the class names."""
+    if confusion is not None:
+        outputs.plot_confusion(confusion, [image_folders.display_name(n) for n in classes.names],
+                               save_path / "confusion.png")
 
 
 def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, run_id, world_size, args, partial=None):
@@ -993,7 +1073,7 @@ def epoch_record(epoch, lr, meter, val):
 def epoch_line(record, num_epochs):
     return (f"epoch {record['epoch']}/{num_epochs} lr {record['lr']:.6f} train loss {record['train_loss']:.4f} "
             f"top1 {record['train_top1']:.2f} | val loss {record['val_loss']:.4f} top1 {record['val_top1']:.2f} "
-            f"top5 {record['val_top5']:.2f}"
+            f"top5 {record['val_top5']:.2f} mean/class {record['val_mean_class_top1']:.2f}"
             + (f" | ema top1 {record['ema_val_top1']:.2f}" if record["ema_val_top1"] is not None else "")
             + f" | {record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s")
 
@@ -1026,21 +1106,25 @@ def train(args, context, stop, run_dir, on_step=None):
                       args.num_workers, args.seed, context, log,
                       augment.after_crop(args.auto_augment, args.random_erase, args.interpolation, args.ra_magnitude,
                                          args.augmix_severity),
-                      args.ra_reps if args.ra_sampler else 0, args.accum_steps)
+                      args.ra_reps if args.ra_sampler else 0, args.accum_steps, val_split=args.val_split,
+                      recorded_split=(checkpoint.meta(saved).get("data") or {}).get("val_split"),
+                      train_augment=args.augment, mean=args.mean, std=args.std)
 
     checkpoint.seed_everything(args.seed)
-    model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult, dropout=args.dropout,
+    model = MobileNetV2(num_classes=data.num_classes, width_mult=args.width_mult, dropout=args.dropout,
                         drop_path=args.drop_path)
-    check_compatible(path, saved, data, args.num_classes, args.width_mult, args.model_ema, log)
-    start = restore(model, path, saved, args.start_epoch, args.num_classes, args.width_mult, args.batch_size,
+    finetune.start_from(model, args.pretrained if path is None else None, data.classes, log)
+    check_compatible(path, saved, data, data.num_classes, args.width_mult, args.model_ema, log)
+    start = restore(model, path, saved, args.start_epoch, data.num_classes, args.width_mult, args.batch_size,
                     data.train_images, context, log)
     del saved
     if start.epoch >= args.num_epochs:
         log(f"nothing to do: {start.epoch} epochs done, --num-epochs {args.num_epochs}")
         return 0
     learner = build_learner(model, args, start, context, log)
+    learner, data = probe_on_cached_features(learner, data, args, context, log)
     tensorboard = open_tensorboard(save_path) if context.is_main and args.tensorboard else None
-    log(f"MobileNetV2 width {args.width_mult:g}, {args.num_classes} classes, {args.train_crop_size} px train, "
+    log(f"MobileNetV2 width {args.width_mult:g}, {data.num_classes} classes, {args.train_crop_size} px train, "
         f"{args.val_resize_size}/{args.val_crop_size} px val | "
         f"{data.train_images} train / {data.val_images} val images | {context.world_size} process(es) on "
         f"{context.device.type}: global batch {args.batch_size} = {context.world_size} x {data.batch_per_rank}"
@@ -1071,8 +1155,8 @@ def train(args, context, stop, run_dir, on_step=None):
                                          "continue with --resume auto")
         step = 0
         lr = learner.schedule(epoch, data.steps_per_epoch - 1, data.steps_per_epoch)
-        record = epoch_record(epoch + 1, lr, meter, validate(learner, data.val_loader,
-                                                             context.is_main and sys.stderr.isatty()))
+        val, confusion = validate(learner, data.val_loader, context.is_main and sys.stderr.isatty())
+        record = epoch_record(epoch + 1, lr, meter, val)
         metrics.append(record)
         is_best = data.val_loader is not None and record["val_top1"] > best_acc1
         if is_best:
@@ -1083,6 +1167,7 @@ def train(args, context, stop, run_dir, on_step=None):
                 save_epoch(snapshot(learner, data, epoch + 1, 0, best_acc1, metrics, run_id, context.world_size, args),
                            save_path, epoch + 1, epoch + 1 == args.num_epochs, args.save_epoch_freq, is_best,
                            args.keep_last, metrics, log)
+                write_confusion(confusion, data.classes, save_path)
             log_tensorboard(tensorboard, record)
         stop_if_asked(stop, epoch, context)
 

@@ -29,7 +29,8 @@ KNOWN_WEIGHTS = {
         "sha256": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         "torchvision": "IMAGENET1K_V1",
         "published": {"top1": 71.878, "top5": 90.286},
-        "preprocessing": {"resize": 256, "input_size": 224, "interpolation": "bilinear"},
+        "preprocessing": {"resize": 256, "input_size": 224, "interpolation": "bilinear",
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "class_order": "sorted",
     },
     "torchvision-v2": {
@@ -39,7 +40,8 @@ KNOWN_WEIGHTS = {
         "torchvision": "IMAGENET1K_V2",
         "published": {"top1": 72.154, "top5": 90.822},
         # The V2 recipe was tuned with a 232 px resize before the 224 px crop.
-        "preprocessing": {"resize": 232, "input_size": 224, "interpolation": "bilinear"},
+        "preprocessing": {"resize": 232, "input_size": 224, "interpolation": "bilinear",
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "class_order": "sorted",
     },
     "tonylins": {
@@ -48,7 +50,8 @@ KNOWN_WEIGHTS = {
         "sha256": "ecbe2b568c8602549fa9e1d5833c63848f490a48d92e5d224d1eb2063e152cf8",
         "torchvision": None,
         "published": {"top1": 71.8, "top5": None},
-        "preprocessing": {"resize": 256, "input_size": 224, "interpolation": "bilinear"},
+        "preprocessing": {"resize": 256, "input_size": 224, "interpolation": "bilinear",
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "class_order": "sorted",
     },
 }
@@ -310,6 +313,38 @@ def load_model(source, num_classes=None, width_mult=None, dropout=0.0, use_ema=F
     except WeightsError as e:
         raise WeightsError(f"{name}: {e}" if name else str(e)) from None
     return model.eval()
+
+
+def file_config(source):
+    """(num_classes, width_mult) of the MobileNetV2 in a weight file (path or the dict `read_weights` returned)."""
+    data = checkpoint.read_weights(source) if isinstance(source, (str, Path)) else source
+    state, _ = to_torchvision_keys(_model_state(data, False)[0])
+    return infer_config(state)
+
+
+def load_matching(model, source, skip=()):
+    """Load every tensor of a weight file (path, or the dict `read_weights` returned; any layout) whose name
+    and shape fit `model`, except names starting with one of `skip`; the rest of the model keeps its
+    initialisation. Returns (loaded, initialised, unused): the model's keys taken from the file, the model's
+    keys left as they were, the file's keys that were not used. A backbone that mostly does not fit (another
+    width) is a WeightsError."""
+    name = str(source) if isinstance(source, (str, Path)) else "weights"
+    data = checkpoint.read_weights(source) if isinstance(source, (str, Path)) else source
+    try:
+        state, _ = _model_state(data, False)
+        state, _ = to_torchvision_keys(state)
+    except WeightsError as e:
+        raise WeightsError(f"{name}: {e}") from None
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items()
+            if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith(tuple(skip))}
+    backbone = [k for k in own if not k.startswith("classifier.")]
+    if sum(k in fits for k in backbone) < len(backbone) / 2:  # a few 1280-channel head tensors fit any width
+        _, width = infer_config(state)
+        raise WeightsError(f"{name}: most of its backbone tensors do not fit this model (the file holds a width "
+                           f"{width:g} MobileNetV2); pass --width-mult {width:g}")
+    model.load_state_dict(fits, strict=False)
+    return list(fits), [k for k in own if k not in fits], [k for k in state if k not in fits]
 
 
 def _load_strict(model, state):

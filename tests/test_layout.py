@@ -18,14 +18,17 @@ ALLOWED = {
     "weights": {"checkpoint", "MobileNetV2"},
     "read_ImageNetData": {"cli"},
     "augment": set(),
+    "image_folders": {"cli", "read_ImageNetData"},
     "distributed": {"cli"},
     "optimization": set(),
     "fused_batchnorm": {"MobileNetV2"},
     "inference": {"checkpoint", "cli"},
-    "evaluate": {"checkpoint", "cli", "distributed", "inference", "outputs", "read_ImageNetData", "weights"},
+    "finetune": {"checkpoint", "cli", "inference", "read_ImageNetData", "weights"},
+    "evaluate": {"checkpoint", "cli", "distributed", "image_folders", "inference", "outputs", "read_ImageNetData",
+                 "weights"},
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
-    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2",
-              "optimization", "outputs", "read_ImageNetData", "weights"},
+    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "finetune", "fused_batchnorm",
+              "image_folders", "MobileNetV2", "optimization", "outputs", "read_ImageNetData", "weights"},
 }
 
 

@@ -1,0 +1,211 @@
+"""Transfer learning: start from ImageNet weights, train only the classifier on top, and its recipe.
+
+    python train.py --data-dir my_photos --val-split 0.1 --pretrained torchvision-v2
+    python train.py --data-dir my_photos --val-split 0.1 --pretrained torchvision-v2 --freeze-backbone
+
+`--pretrained` loads every tensor of a weight file (any layout `weights.load_model` reads, or a public
+file by name) whose name and shape fit; the classifier starts afresh when the class count differs. Its
+preprocessing comes along: a checkpoint's mean/std, or the published ones of a file recognised by sha256.
+`--freeze-backbone` trains the classifier alone, with the backbone's BatchNorm kept in eval mode; without
+augmentation its pooled features are computed once and the classifier trains on them (`use_cached_features`).
+"""
+import copy
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import checkpoint
+import inference
+from cli import UsageError
+from read_ImageNetData import IMAGENET_MEAN, IMAGENET_STD, EvalSampler, build_loader, normalize
+from weights import DOWNLOADABLE, WeightsError, fetch_public_weights, file_config, known_weights, load_matching, sha256_of
+
+# The fine-tuning recipe `--pretrained` selects, as defaults (a flag given on the command line wins):
+# a few epochs of SGD (momentum 0.9, as the seed) from lr 0.01 down a per-step cosine after one warm-up
+# epoch, in batches of 32 (small datasets; torchvision's references train 32 per GPU). A tenth of the
+# ImageNet rate and a few epochs: the start is already good, large steps would wash the features out
+# before the new classifier has settled (Kornblith et al., "Do Better ImageNet Models Transfer Better?",
+# CVPR 2019, fine-tune with SGD at small rates and cosine-like decay). The width comes from the file.
+FINETUNE_RECIPE = {"num_epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "warmup_epochs": 1.0, "batch_size": 32,
+                   "width_mult": None}
+# `--freeze-backbone` adds: no augmentation (centre crops, as linear probes are measured, which lets the
+# backbone's features be computed once) and a larger rate, since only a linear layer on fixed features learns.
+LINEAR_PROBE_RECIPE = {"augment": False, "lr": 0.1}
+
+
+def presets(args):
+    """The defaults --pretrained and --freeze-backbone select (cli.Parser's presets hook)."""
+    chosen = {}
+    if getattr(args, "pretrained", None):
+        chosen.update(FINETUNE_RECIPE)
+    if getattr(args, "freeze_backbone", False):
+        chosen.update(LINEAR_PROBE_RECIPE)
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# The file to start from
+
+
+def pretrained_path(name_or_path, directory, log=print):
+    """The weight file --pretrained names: a public file by name (fetched and verified as evaluate.py
+    fetches it, with the same offline message) or a path."""
+    if name_or_path in DOWNLOADABLE:
+        return fetch_public_weights(name_or_path, directory, log)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise UsageError(f"--pretrained {name_or_path}: no such file (or one of {', '.join(DOWNLOADABLE)})")
+    return path
+
+
+def resolve(args, log=print):
+    """A copy of `args` with --pretrained made a verified path and what the file brings filled in where no
+    flag said: its width, and its mean/std (a checkpoint's own, else those of a public file recognised by
+    sha256, else ImageNet's). Without --pretrained: ImageNet's mean/std where none were given."""
+    args = copy.copy(args)
+    pre = {}
+    if args.pretrained:
+        path = pretrained_path(args.pretrained, args.pretrained_dir, log)
+        name, entry = known_weights(sha256_of(path))
+        data = checkpoint.read_weights(path)
+        try:
+            _, width = file_config(data)
+        except WeightsError as e:
+            raise WeightsError(f"--pretrained {path}: {e}") from None
+        pre = (checkpoint.meta(data).get("data") or (entry or {}).get("preprocessing") or {})
+        if name:
+            log(f"--pretrained: recognised {name} weights by sha256; their mean/std come along")
+        args.pretrained = str(path)
+        if args.width_mult is None:
+            args.width_mult = width
+    if args.width_mult is None:
+        args.width_mult = 1.0
+    args.mean = [float(v) for v in (args.mean or pre.get("mean") or IMAGENET_MEAN)]
+    args.std = [float(v) for v in (args.std or pre.get("std") or IMAGENET_STD)]
+    return args
+
+
+def start_from(model, path, classes, log=print):
+    """Load every tensor of `path` that fits `model` and say what was loaded and what starts afresh. The
+    classifier starts afresh also when its class count fits but the file records other classes than
+    `classes` (the data's): its rows would score other classes."""
+    if not path:
+        return
+    data = checkpoint.read_weights(path)
+    saved = checkpoint.meta(data).get("classes") or {}
+    theirs = saved.get("names") if saved.get("order") == "folders" else saved.get("wnids")
+    ours = classes.names if classes.order == "folders" else classes.wnids
+    other_classes = bool(theirs) and list(theirs) != list(ours)
+    loaded, initialised, unused = load_matching(model, data, skip=("classifier.",) if other_classes else ())
+    own = model.state_dict()
+    why = ("the file's classes are others than this data's" if other_classes else
+           f"the file has another class count than this data's {len(ours)}")
+    log(f"--pretrained {path}: loaded {len(loaded)} of the model's {len(own)} tensors"
+        + (f"; initialised afresh: {', '.join(initialised)} ({why})" if initialised else ""))
+
+
+# --------------------------------------------------------------------------------------------------
+# A frozen backbone
+
+
+class FrozenFeatures(nn.Sequential):
+    """The backbone held fixed: no gradients and BatchNorm in eval mode (its running statistics stay those
+    of the pretrained weights), whatever mode the model around it is put in."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def freeze_backbone(model, frozen, log=print):
+    """Freeze `model.features` in place when `frozen`; the parameters an optimizer should train."""
+    if not frozen:
+        return model
+    model.features.requires_grad_(False)
+    model.features.__class__ = FrozenFeatures
+    model.features.eval()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"--freeze-backbone: training the classifier only ({trainable:,} parameters), backbone BatchNorm "
+        "in eval mode")
+    return model.classifier
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached features: a linear probe in seconds
+
+
+class ClassifierOnFeatures(nn.Module):
+    """The classifier of `model` applied to pooled backbone features: the part of the model a frozen
+    backbone leaves to train. Shares its parameters with `model`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.classifier = model.classifier
+
+    def forward(self, features):
+        return self.classifier(features)
+
+
+class FeatureDataset(Dataset):
+    """(features, target, index, n_failed) rows, as the image datasets give (image, target, index, n_failed)."""
+
+    def __init__(self, features, targets, failed):
+        self.features, self.targets, self.failed = features, targets, failed
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.features[index], self.targets[index], index, self.failed[index]
+
+
+@torch.no_grad()
+def backbone_features(model, dataset, batch_size, num_workers, device, mean, std, input_size=224):
+    """Pooled backbone features of every image of `dataset`, in index order: (features, targets, n_failed)
+    on the CPU. The backbone runs as `evaluate.py` runs it (BatchNorm folded, channels_last)."""
+    fast = inference.prepare_for_inference(model, device=device, input_size=input_size, batch_size=batch_size)
+    fast.classifier = nn.Identity()
+    loader = build_loader(dataset, batch_size, EvalSampler(len(dataset)), num_workers=num_workers,
+                          persistent_workers=False)
+    features, targets, failed = [], [], []
+    with torch.inference_mode():
+        for images, labels, _, n_failed in loader:
+            x = normalize(images.to(device, non_blocking=True), mean, std, channels_last=True)
+            features.append(fast(x).float().cpu())
+            targets.append(labels)
+            failed.append(n_failed)
+    return torch.cat(features), torch.cat(targets), torch.cat(failed)
+
+
+def use_cached_features(learner, data, num_workers, distributed_wrap, log=print):
+    """With a frozen backbone and no augmentation every epoch would compute the same backbone features
+    again: compute them once, for training and validation images, and train the classifier on them.
+    Returns (learner, data) for that: the learner's model is the classifier on features, the loaders give
+    features; the sampler, the schedule and the checkpoints are the same as without the cache."""
+    start = time.perf_counter()
+    model = learner.raw
+    batch = data.batch_per_rank
+    loaders = {}
+    for name, loader in (("train", data.train_loader), ("val", data.val_loader)):
+        if loader is None:
+            loaders[name] = None
+            continue
+        features, targets, failed = backbone_features(model, loader.dataset, max(batch, 64), num_workers,
+                                                      learner.device, learner.mean, learner.std,
+                                                      data.preprocessing["input_size"])
+        rows = FeatureDataset(features, targets, failed if name == "val" else torch.zeros_like(failed))
+        if name == "train":
+            loaders[name] = build_loader(rows, batch, data.sampler, num_workers=0, pin_memory=False,
+                                         persistent_workers=False, drop_last=True)
+        else:
+            loaders[name] = build_loader(rows, batch, loader.sampler, num_workers=0, pin_memory=False,
+                                         persistent_workers=False)
+    head = ClassifierOnFeatures(model)
+    log(f"--freeze-backbone without augmentation: backbone features of {data.train_images} train + "
+        f"{data.val_images} val images computed once in {time.perf_counter() - start:.1f} s; the classifier "
+        "trains on them (--no-cache-features trains through the backbone every step)")
+    learner = replace(learner, model=distributed_wrap(head), on_features=ClassifierOnFeatures)
+    return learner, replace(data, train_loader=loaders["train"], val_loader=loaders["val"])

@@ -1,0 +1,265 @@
+"""Fine-tuning on your own images end to end: --pretrained, --freeze-backbone and its cached features,
+--val-split, --mean/--std, and class names through training, checkpoints and evaluate.py.
+
+    python -m pytest tests/test_finetune.py -q
+
+A width-0.25 network trained for a few seconds on the demo digits in folders named zero..nine stands for
+ImageNet weights; the user's photos are other digits as class folders with odd names and mixed files.
+"""
+import hashlib
+import socket
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import evaluate
+import image_folders
+import outputs
+import train
+import weights
+from helpers import load_checkpoint, run_main, run_script
+from MobileNetV2 import MobileNetV2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The digit folders get the names a user might give them: spaces, capitals, accents, other scripts.
+ODD_NAMES = {"zero": "Zéro", "one": "one 1", "two": "TWO", "three": "drei", "four": "四",
+             "five": "five", "six": "Six (6)", "seven": "sept", "eight": "ocho", "nine": "ninë"}
+COMMON = ["--device", "cpu", "--num-workers", "0", "--input-size", "32", "--print-freq", "1000"]
+
+
+def train_args(data, out, *extra):
+    return train.get_args_parser().parse_args(["--data-dir", str(data), "--save-path", str(out), *COMMON,
+                                               *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The weights to start from: trained on 40 digits per class in folders named zero..nine (seconds)."""
+    root = tmp_path_factory.mktemp("source")
+    data = image_folders.make_demo(root / "digits", seed=1, per_class=40)
+    args = train_args(data, root / "out", "--width-mult", "0.25", "--batch-size", "16", "--num-epochs", "10",
+                      "--lr", "0.02", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--no-augment",
+                      "--save-epoch-freq", "100")
+    assert run_main(train, args) == 0
+    return root / "out" / "last.pth"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """photos/<odd name>/ with 16 digits each, .jpg and .png mixed, plus a note and a hidden file."""
+    root = image_folders.make_demo(tmp_path_factory.mktemp("photos") / "photos", seed=5, per_class=16)
+    for plain, odd in ODD_NAMES.items():
+        if plain != odd:
+            (root / plain).rename(root / odd)
+    (root / "Zéro" / "notes.txt").write_text("scanned")
+    (root / "TWO" / ".DS_Store").write_bytes(b"\0")
+    return root
+
+
+def finetune_run(photos, out, *extra):
+    """Two epochs on half of each class, validated on the other half; the fine-tuning recipe's lr and
+    schedule spelled out, so a run from scratch gets the same budget."""
+    args = train_args(photos, out, "--val-split", "0.5", "--num-epochs", "3", "--batch-size", "16",
+                      "--width-mult", "0.25", "--lr-schedule", "cosine", "--hflip", "0", "--crop-scale-min", "0.35",
+                      *extra)
+    assert run_main(train, args) == 0
+    return load_checkpoint(out / "last.pth")
+
+
+@pytest.fixture(scope="module")
+def finetuned(source, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetuned")
+    return out, finetune_run(photos, out, "--pretrained", source, "--lr", "0.01", "--warmup-epochs", "1")
+
+
+def test_finetune_from_a_trained_checkpoint_beats_training_from_scratch(finetuned, photos, tmp_path):
+    out, tuned = finetuned
+    scratch = finetune_run(photos, tmp_path / "scratch", "--lr", "0.01", "--warmup-epochs", "1")
+    best_tuned = max(m["val_top1"] for m in tuned["metrics"])
+    best_scratch = max(m["val_top1"] for m in scratch["metrics"])
+    # the source itself reaches about 70% on its own digits; from scratch stays near chance (10%)
+    assert best_tuned >= 40 and best_tuned - best_scratch >= 25, (best_tuned, best_scratch)
+
+
+def test_names_travel_from_the_folders_through_the_checkpoint_to_evaluate(finetuned, photos, capsys):
+    out, tuned = finetuned
+    names = sorted(ODD_NAMES.values())
+    assert tuned["classes"] == {"order": "folders", "wnids": [""] * 10, "names": names}
+    assert tuned["model_config"]["num_classes"] == 10
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    split = tuned["data"]["val_split"]
+    assert split["fraction"] == 0.5 and len(split["files"]) == 80
+    # one image: its predictions are printed with the folder names
+    photo = photos / split["files"][0]
+    capsys.readouterr()
+    code, err, printed = run_script(evaluate, "--weights", out / "last.pth", photo, "--num-workers", 0)
+    assert code == 0, err
+    assert str(photo) in printed and any(name in printed for name in names)
+    # the data folder: scored on the images held out in training, by name; each class reported
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(out / "last.pth"), "--data-dir", str(photos), "--num-workers", "0", "--no-progress",
+         "--per-class", "--confusion", str(out / "eval_confusion.png")]))
+    printed = capsys.readouterr().out
+    assert result["images"] == 80 and result["top1"] == pytest.approx(tuned["metrics"][-1]["val_top1"])
+    assert result["mean_class_top1"] == pytest.approx(tuned["metrics"][-1]["val_mean_class_top1"])
+    assert [row["name"] for row in result["per_class"]] == names
+    assert all(row["count"] == 8 for row in result["per_class"])
+    assert "mean per-class top-1" in printed and all(f"  {name}\n" in printed for name in names)
+    assert (out / "eval_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrained_loads_every_tensor_that_fits_and_starts_the_classifier_afresh(source, photos, tmp_path, capsys):
+    capsys.readouterr()
+    tuned = finetune_run(photos, tmp_path / "out", "--pretrained", source, "--num-epochs", "1", "--freeze-backbone")
+    printed = capsys.readouterr().out
+    assert (f"--pretrained {source}: loaded 312 of the model's 314 tensors; initialised afresh: "
+            "classifier.1.weight, classifier.1.bias (the file's classes are others than this data's)") in printed
+    file = load_checkpoint(source)["model"]
+    model = tuned["model"]
+    # frozen: every backbone tensor, BatchNorm statistics included, is the file's; the classifier learned
+    assert all(torch.equal(model[k], file[k]) for k in model if not k.startswith("classifier."))
+    assert model["classifier.1.weight"].shape == (10, 1280) and model["classifier.1.weight"].abs().sum() > 0
+    assert "training the classifier only (12,810 parameters)" in printed
+    # without --freeze-backbone everything trains
+    full = finetune_run(photos, tmp_path / "full", "--pretrained", source, "--num-epochs", "1")
+    assert not torch.equal(full["model"]["features.0.0.weight"], file["features.0.0.weight"])
+    assert not torch.equal(full["model"]["features.0.1.running_mean"], file["features.0.1.running_mean"])
+
+
+def test_cached_features_give_the_plain_loop_result_and_resume_bit_exactly(source, photos, tmp_path):
+    flags = ("--pretrained", source, "--freeze-backbone", "--num-epochs", "2", "--dropout", "0.2")
+    cached = finetune_run(photos, tmp_path / "cached", *flags)
+    plain = finetune_run(photos, tmp_path / "plain", *flags, "--no-cache-features")
+    for key in ("classifier.1.weight", "classifier.1.bias"):
+        torch.testing.assert_close(cached["model"][key], plain["model"][key], atol=1e-4, rtol=1e-3)
+    assert [m["val_top1"] for m in cached["metrics"]] == [m["val_top1"] for m in plain["metrics"]]
+    # 1 epoch, then a resume with another --val-split (the recorded split stays), then epoch 2
+    finetune_run(photos, tmp_path / "resumed", *flags[:-4], "--num-epochs", "1", "--dropout", "0.2")
+    resumed = finetune_run(photos, tmp_path / "resumed", *flags[:-4], "--num-epochs", "2", "--dropout", "0.2",
+                           "--resume", "auto", "--val-split", "0.25")
+    assert resumed["data"]["val_split"] == cached["data"]["val_split"]
+    for key in cached["model"]:
+        assert torch.equal(resumed["model"][key], cached["model"][key]), key
+    timing = ("seconds", "images_per_s")
+    assert ([{k: v for k, v in m.items() if k not in timing} for m in resumed["metrics"]]
+            == [{k: v for k, v in m.items() if k not in timing} for m in cached["metrics"]])
+
+
+def test_the_pretrained_recipe_is_a_set_of_defaults_that_flags_override():
+    plain = train.get_args_parser().parse_args([])
+    assert (plain.num_epochs, plain.lr, plain.lr_schedule, plain.augment) == (400, 0.045, "exponential", True)
+    tuned = train.get_args_parser().parse_args(["--pretrained", "x.pth"])
+    assert (tuned.num_epochs, tuned.lr, tuned.lr_schedule, tuned.warmup_epochs, tuned.batch_size) == \
+        (10, 0.01, "cosine", 1.0, 32)
+    assert tuned.width_mult is None and tuned.augment  # the width comes from the file
+    probe = train.get_args_parser().parse_args(["--pretrained", "x.pth", "--freeze-backbone"])
+    assert (probe.lr, probe.augment, probe.num_epochs) == (0.1, False, 10)
+    mine = train.get_args_parser().parse_args(["--pretrained", "x.pth", "--freeze-backbone", "--lr", "0.045",
+                                               "--augment", "--num-epochs", "400", "--width-mult", "1.0"])
+    assert (mine.lr, mine.augment, mine.num_epochs, mine.width_mult) == (0.045, True, 400, 1.0)
+
+
+def test_mean_and_std_are_recorded_and_a_recognised_file_brings_its_own(source, photos, tmp_path, monkeypatch):
+    bare = tmp_path / "bare.pth"
+    torch.save(load_checkpoint(source)["model"], bare)
+    digest = hashlib.sha256(bare.read_bytes()).hexdigest()
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "lab-weights", {
+        "file": "bare.pth", "url": "", "sha256": digest, "torchvision": None, "published": {"top1": 1, "top5": 2},
+        "preprocessing": {"resize": 36, "input_size": 32, "interpolation": "bilinear",
+                          "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, "class_order": "sorted"})
+    brought = finetune_run(photos, tmp_path / "brought", "--pretrained", bare, "--freeze-backbone", "--num-epochs", 1)
+    assert (brought["data"]["mean"], brought["data"]["std"]) == ([0.5] * 3, [0.25] * 3)
+    given = finetune_run(photos, tmp_path / "given", "--pretrained", bare, "--freeze-backbone", "--num-epochs", 1,
+                         "--mean", 0.4, 0.45, 0.5, "--std", 0.2, 0.2, 0.3)
+    assert (given["data"]["mean"], given["data"]["std"]) == ([0.4, 0.45, 0.5], [0.2, 0.2, 0.3])
+    # evaluate.py reads them from the checkpoint: same score as validation, no flags
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "given" / "last.pth"), "--data-dir", str(photos), "--num-workers", "0",
+         "--no-progress"]))
+    assert result["preprocessing"]["mean"] == [0.4, 0.45, 0.5] and result["preprocessing"]["std"] == [0.2, 0.2, 0.3]
+    assert result["top1"] == pytest.approx(given["metrics"][-1]["val_top1"])
+
+
+def test_named_pretrained_weights_offline_fail_with_url_and_destination(photos, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access blocked by the test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    code, err, _ = run_script(train, "--data-dir", photos, "--pretrained", "torchvision-v1", "--pretrained-dir",
+                              tmp_path, "--save-path", tmp_path / "out", *COMMON)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("train.py: error: cannot download torchvision-v1")
+    assert "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth" in lines[0]
+    assert str(tmp_path / "mobilenet_v2-b0353104.pth") in lines[0]
+
+
+def test_wnid_folders_are_scored_with_imagenet_weights_by_their_true_index(tmp_path):
+    wnids = image_folders.imagenet_classes()[0]
+    always, other = wnids[500], wnids[20]  # sorted: `other` is folder 0, `always` folder 1, but class 500
+    model = MobileNetV2(width_mult=0.35)
+    with torch.no_grad():
+        model.classifier[1].weight.zero_()
+        model.classifier[1].bias.zero_()
+        model.classifier[1].bias[500] = 10.0
+    torch.save(model.state_dict(), tmp_path / "imagenet.pth")
+    for folder, count in ((always, 3), (other, 2)):
+        for k in range(count):
+            path = tmp_path / "imagenette" / "val" / folder / f"{k}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 40), (120, 30, 200)).save(path)
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "imagenet.pth"), "--data-dir", str(tmp_path / "imagenette"), "--num-workers",
+         "0", "--no-progress", "--resize", "36", "--crop", "32"]))
+    assert result["images"] == 5 and result["top1"] == pytest.approx(60.0)
+    assert result["mean_class_top1"] == pytest.approx(50.0)
+
+
+class FixedLogits(nn.Module):
+    """Predicts class (first pixel value) for each image: the scores are known in advance."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes = classes
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return nn.functional.one_hot(x[:, 0, 0, 0].round().long(), self.classes).float() + self.anchor
+
+
+def test_mean_per_class_accuracy_and_the_confusion_matrix_count_exactly(tmp_path):
+    # 6 images of class 0 (5 right), 2 of class 1 (0 right), 2 of class 2 (2 right)
+    targets = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 0, 0, 0, 0, 2, 0, 0, 2, 2])
+    images = predicted.float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+    loader = [(images, targets, torch.arange(10), torch.zeros(10, dtype=torch.int64))]
+    result = evaluate.evaluate(FixedLogits(3), loader, "cpu", channels_last=False, progress=False, per_class=True,
+                               confusion=True)
+    assert result["top1"] == pytest.approx(70.0)
+    assert result["mean_class_top1"] == pytest.approx((100 * 5 / 6 + 0 + 100) / 3)
+    assert result["confusion"].tolist() == [[5, 0, 1], [2, 0, 0], [0, 0, 2]]
+    assert outputs.confused_pairs(result["confusion"]) == [(1, 0, 2), (0, 2, 1)]
+    outputs.plot_confusion(result["confusion"], ["a", "b", "c"], tmp_path / "matrix.png")
+    many = torch.zeros(40, 40, dtype=torch.int64)
+    many[3, 7], many[5, 5] = 4, 9
+    outputs.plot_confusion(many, [f"class {i}" for i in range(40)], tmp_path / "pairs.png")
+    for name in ("matrix.png", "pairs.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_matching_takes_what_fits_and_names_a_width_that_does_not(tmp_path):
+    torch.manual_seed(0)
+    imagenet = MobileNetV2(width_mult=0.25)
+    torch.save({"module." + k: v for k, v in imagenet.state_dict().items()}, tmp_path / "imagenet.pth")
+    model = MobileNetV2(num_classes=3, width_mult=0.25)
+    init = model.classifier[1].weight.clone()
+    loaded, initialised, unused = weights.load_matching(model, tmp_path / "imagenet.pth")
+    assert (len(loaded), initialised, unused) == (312, ["classifier.1.weight", "classifier.1.bias"],
+                                                  ["classifier.1.weight", "classifier.1.bias"])
+    assert torch.equal(model.features[5].conv[1][0].weight, imagenet.features[5].conv[1][0].weight)
+    assert torch.equal(model.classifier[1].weight, init)
+    with pytest.raises(weights.WeightsError, match=r"width 0.25 MobileNetV2\); pass --width-mult 0.25"):
+        weights.load_matching(MobileNetV2(num_classes=3, width_mult=0.5), tmp_path / "imagenet.pth")
