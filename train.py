@@ -3,7 +3,8 @@
     python train.py --data-dir /ImageNet --batch-size 256
 
 A plain launch with N visible GPUs starts one process per GPU (DistributedDataParallel); `torchrun`
-works the same way (`torchrun --nproc_per_node=2 train.py --device cpu ...` on the CPU with gloo);
+works the same way (`torchrun --nproc_per_node=2 train.py --device cpu ...` on the CPU with gloo), and so
+does `srun python train.py ...` (each SLURM task becomes the rank torchrun would have started);
 `python train.py --demo` trains on a small generated dataset on the CPU in a few minutes.
 
 Checkpoints (epoch_N.pth, last.pth, best.pth in --save-path; the format is `checkpoint.py`'s) are written
@@ -1159,6 +1160,7 @@ def _guarded(args, on_step=None):
 def main(args, on_step=None):
     """Entry point; `on_step(epoch, step, indices)` is called after every training step (tests use it)."""
     try:
+        distributed.adopt_slurm()  # `srun python train.py`: each task becomes the rank torchrun would start
         args = check_args(args)
         device_type = distributed.resolve_device_type(args.device)
         if args.demo and not distributed.launched_by_launcher():
