@@ -36,6 +36,7 @@ import checkpoint
 import cli
 import distributed
 import fused_batchnorm
+import gpu_data
 import optimization
 import outputs
 from checkpoint import CheckpointError, WeightsError
@@ -186,6 +187,10 @@ def get_args_parser(add_help=True):
                                                              "compilation included, is logged)")
     dev.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                      default="default", help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs)")
+    dev.add_argument("--data-backend", choices=["cpu", "gpu"], default="cpu",
+                     help="cpu: loader processes decode and crop (the default until the GPU backend is measured "
+                          "faster); gpu: they only read the files, JPEGs are decoded (nvjpeg) and cropped on the "
+                          "device in batches (on a CPU device: libjpeg in this process, for checks)")
     dev.add_argument("--sync-free", action=argparse.BooleanOptionalAction, default=None,
                      help="decide each step on the device, reading the statistics every --print-freq steps "
                           "(default: on CUDA with --opt sgd, sgd-nesterov or adamw and no float16)")
@@ -432,10 +437,13 @@ class Data:
 
 def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_size, val_resize_size, interpolation,
                crop_scale_min, hflip, batch_size, num_workers, seed, context, log, after_crop=None, ra_reps=0,
-               accum_steps=1):
+               accum_steps=1, backend="cpu"):
     """Datasets, samplers and loaders for this rank; labels as `read_ImageNetData` assigns them.
     `after_crop` (augment.after_crop) runs after the crop in the loader processes; `ra_reps` > 0 samples
-    with repeated augmentation; each optimizer step takes `accum_steps` loader batches."""
+    with repeated augmentation; each optimizer step takes `accum_steps` loader batches. `backend` "gpu":
+    the loader processes read bytes and draw the crops, `gpu_data` decodes and crops on the device."""
+    if backend == "gpu":
+        check_gpu_backend(after_crop, interpolation)
     if batch_size % (context.world_size * accum_steps):
         raise UsageError(f"--batch-size {batch_size} does not split evenly over {context.world_size} processes "
                          f"x --accum-steps {accum_steps}")
@@ -459,6 +467,11 @@ def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_siz
     # Workers are not persistent: each epoch's iterator draws its worker seeds from that epoch's stream.
     train_loader = build_loader(train_set, per_rank // accum_steps, sampler, num_workers=num_workers,
                                 pin_memory=pin, persistent_workers=False, drop_last=True)
+    if backend == "gpu":
+        train_loader = on_device(train_set, train_loader, train_crop_size, context.device, fallback=train_set)
+        log(f"data backend gpu: loader processes read the files, JPEGs are decoded and cropped on "
+            f"{context.device.type}" + (" (nvjpeg)" if context.device.type == "cuda" else
+                                        " (libjpeg in this process: a check of the GPU path, not a fast one)"))
     steps_per_epoch = sampler.num_samples // per_rank
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {batch_size}: larger than the {len(train_set)} training images")
@@ -467,12 +480,31 @@ def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_siz
         val_loader = build_loader(val_set, per_rank, EvalSampler(len(val_set), context.world_size, context.rank),
                                   num_workers=num_workers, pin_memory=pin, persistent_workers=False,
                                   drop_last=False)
+        if backend == "gpu":
+            val_loader = on_device(val_set, val_loader, val_crop_size, context.device)
     else:
         log(f"warning: no validation images in {data_dir}; best.pth follows nothing, only last.pth is kept")
     preprocessing = {"input_size": val_crop_size, "resize": val_resize_size, "interpolation": interpolation,
                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "train_crop_size": train_crop_size}
     return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
                 per_rank, steps_per_epoch, preprocessing)
+
+
+def check_gpu_backend(after_crop, interpolation):
+    if after_crop is not None:
+        raise UsageError("--data-backend gpu crops on the device, where --auto-augment and --random-erase do "
+                         "not run; drop them or use --data-backend cpu")
+    if interpolation != "bilinear":
+        raise UsageError(f"--data-backend gpu resizes bilinearly, not with --interpolation {interpolation}; "
+                         "use --data-backend cpu")
+
+
+def on_device(dataset, loader, size, device, fallback=None):
+    """The same loader over raw samples (file bytes and the drawn crop), decoded and cropped on `device`."""
+    raw = build_loader(gpu_data.device_dataset(dataset), loader.batch_size, loader.sampler,
+                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=False,
+                       drop_last=loader.drop_last, collate_fn=gpu_data.collate)
+    return gpu_data.DeviceLoader(raw, gpu_data.Decoder(size, device, fallback))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1117,7 +1149,7 @@ def train(args, context, stop, run_dir, on_step=None):
                       args.num_workers, args.seed, context, log,
                       augment.after_crop(args.auto_augment, args.random_erase, args.interpolation, args.ra_magnitude,
                                          args.augmix_severity),
-                      args.ra_reps if args.ra_sampler else 0, args.accum_steps)
+                      args.ra_reps if args.ra_sampler else 0, args.accum_steps, args.data_backend)
 
     checkpoint.seed_everything(args.seed)
     model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult, dropout=args.dropout,

@@ -24,8 +24,9 @@ ALLOWED = {
     "inference": {"checkpoint", "cli"},
     "evaluate": {"checkpoint", "cli", "distributed", "inference", "outputs", "read_ImageNetData", "weights"},
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
-    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2",
-              "optimization", "outputs", "read_ImageNetData", "weights"},
+    "gpu_data": {"read_ImageNetData"},
+    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "gpu_data",
+              "MobileNetV2", "optimization", "outputs", "read_ImageNetData", "weights"},
 }
 
 
