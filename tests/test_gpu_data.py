@@ -110,6 +110,17 @@ def test_an_upscaled_box_is_plain_bilinear_with_the_edges_of_a_cut_out_crop():
         assert (got.float() - want).abs().max() <= 0.5 + 1e-3  # rounding only
 
 
+def test_the_one_gather_canvas_equals_the_image_by_image_one(photos):
+    # The CUDA default (one gather over all pixels) against the CPU default (a copy per image), on the CPU.
+    transform = TrainTransform(64)
+    _, _, geometry, *_ = raw_batch(photos, transform)
+    images = [decode_rgb(str(p)) for p in photos]
+    eval_geometry = raw_batch(photos, EvalTransform(64, 73))[2]
+    for rows in (geometry, eval_geometry):
+        assert torch.equal(gpu_data.crop_resize(images, rows, 64, gather=True),
+                           gpu_data.crop_resize(images, rows, 64, gather=False))
+
+
 def test_a_flip_mirrors_the_crop_exactly(photos):
     images = [decode_rgb(str(p)) for p in photos[:4]]
     rows = [[10, 20, 110, 90, 10, 20, 110, 90, flip] for flip in (0, 0, 0, 0)]
