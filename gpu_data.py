@@ -335,33 +335,12 @@ class _Prefetched(_Decoded):
         super().__init__(batches, decoder)
         self.queue, self.closing = queue.Queue(depth), threading.Event()
         device = decoder.device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.thread = threading.Thread(target=self._run, name="gpu_data decode", daemon=True)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The thread holds the loader iterator but not this object, so dropping this object (the end of an
+        # epoch, a preemption, an error) stops the thread, and with it the loader processes.
+        self.thread = threading.Thread(target=_produce, args=(batches, decoder, stream, self.queue, self.closing),
+                                       name="gpu_data decode", daemon=True)
         self.thread.start()
-
-    def _run(self):
-        try:
-            with torch.cuda.stream(self.stream) if self.stream is not None else _nothing():
-                for batch in self.batches:
-                    out = self.decoder(batch)
-                    event = None
-                    if self.stream is not None:
-                        event = torch.cuda.Event()
-                        event.record(self.stream)
-                    if not self._put((out, event)):
-                        return
-            self._put(_END)
-        except BaseException as e:  # handed to the consumer, which raises it where it waits
-            self._put(e)
-
-    def _put(self, item):
-        while not self.closing.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def __next__(self):
         if self.closing.is_set():
@@ -386,6 +365,33 @@ class _Prefetched(_Decoded):
 
     def __del__(self):
         self.closing.set()
+
+
+def _produce(batches, decoder, stream, out, closing):
+    """The prefetching thread: decoded batches (with the event that marks them done on `stream`) into `out`,
+    then _END or the exception that ended it; gives up when `closing` is set."""
+    def put(item):
+        while not closing.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        with torch.cuda.stream(stream) if stream is not None else _nothing():
+            for batch in batches:
+                decoded = decoder(batch)
+                event = None
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                if not put((decoded, event)):
+                    return
+        put(_END)
+    except BaseException as e:  # handed to the consumer, which raises it where it waits
+        put(e)
 
 
 class _nothing:

@@ -207,6 +207,14 @@ def test_the_prefetching_thread_yields_the_same_batches_and_passes_errors_on(pho
     assert len(threaded) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(threaded, plain))
     with pytest.raises(ValueError, match="no such file"):
         batches(photos[:4] + [None], True)
+    # dropped after one batch (a preempted epoch): the thread stops instead of holding the loader
+    loader = torch.utils.data.DataLoader(Files(photos[:16]), batch_size=2, collate_fn=gpu_data.collate)
+    first = iter(gpu_data.DeviceLoader(loader, gpu_data.Decoder(32, "cpu"), prefetch=True, depth=1))
+    next(first)
+    thread = first.thread
+    del first
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def parse(data_dir, out, *extra):
