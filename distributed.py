@@ -2,9 +2,11 @@
 
     launch(worker, args, device_type="cuda")   # plain launch: spawns one `worker(args)` per visible GPU
 
-Three ways a training process comes to life, all ending in the same `setup()`:
+Four ways a training process comes to life, all ending in the same `setup()`:
   * a plain `python train.py` on a machine with N > 1 visible GPUs: `launch` spawns N processes;
   * `torchrun` (one or several machines): it already started the processes and set RANK/WORLD_SIZE;
+  * `srun python train.py` (SLURM, one task per GPU): `adopt_slurm` turns SLURM's description of the task
+    into the variables torchrun would have set, so the rest is the torchrun case;
   * anything else (one GPU, the CPU): one process, no process group at all.
 NCCL carries the collectives on CUDA, gloo on the CPU.
 """
@@ -49,6 +51,85 @@ def launched_by_launcher(env=None):
     """True when a launcher (torchrun or `launch`) started this process as one rank of a job."""
     env = os.environ if env is None else env
     return all(name in env for name in LAUNCHER_VARIABLES)
+
+
+# SLURM's description of a task of a job step (srun), and the torchrun variable each one becomes.
+SLURM_VARIABLES = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
+SLURM_BASE_PORT = 29500  # torchrun's default port, offset by the job id so two jobs on a node differ
+
+
+def expand_hostlist(hostlist):
+    """SLURM's compressed node list as host names, in order, without asking scontrol:
+    'node[01-03,07],gpu5' -> ['node01', 'node02', 'node03', 'node07', 'gpu5']; the zero padding of a
+    range's first bound is kept, and a name may hold several bracket groups ('r[1-2]n[1-2]')."""
+    hosts, depth, part = [], 0, ""
+    for char in hostlist.strip() + ",":
+        if char == "," and depth == 0:
+            if part:
+                hosts.extend(_expand_host(part))
+            part = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise UsageError(f"SLURM node list {hostlist!r}: unbalanced brackets")
+        part += char
+    if depth or not hosts:
+        raise UsageError(f"SLURM node list {hostlist!r}: cannot read it")
+    return hosts
+
+
+def _expand_host(pattern):
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)$", pattern)
+    if match is None:
+        if "[" in pattern or "]" in pattern:
+            raise UsageError(f"SLURM node list: cannot read {pattern!r}")
+        return [pattern]
+    prefix, ranges, rest = match.groups()
+    names = []
+    for item in ranges.split(","):
+        bounds = item.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            names.append(bounds[0])
+        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+            width = len(bounds[0])
+            names.extend(str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1))
+        else:
+            raise UsageError(f"SLURM node list: cannot read the range {item!r} in {pattern!r}")
+    return [prefix + name + tail for name in names for tail in _expand_host(rest)]
+
+
+def slurm_environment(env=None):
+    """The torchrun variables for a process that srun started as one task of several, or {} when this is
+    not such a process (torchrun's own variables, when set, win). The master is the first node of the step
+    (SLURM_STEP_NODELIST, else the job's list); the port is MASTER_PORT when set, else one derived from the
+    job id, so every task agrees on it without talking to the others."""
+    env = os.environ if env is None else env
+    if launched_by_launcher(env) or not all(name in env for name in SLURM_VARIABLES):
+        return {}
+    try:
+        values = {torchrun: int(env[slurm]) for slurm, torchrun in SLURM_VARIABLES.items()}
+    except ValueError:
+        raise UsageError("SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID must be integers") from None
+    if values["WORLD_SIZE"] <= 1:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise UsageError("SLURM started this task but set no node list (SLURM_JOB_NODELIST), so the master "
+                         "address is unknown")
+    port = env.get("MASTER_PORT") or str(SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0") or 0) % 10000)
+    out = {name: str(value) for name, value in values.items()}
+    out.update(MASTER_ADDR=env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0], MASTER_PORT=port)
+    if "SLURM_NTASKS_PER_NODE" in env and env["SLURM_NTASKS_PER_NODE"].isdigit():
+        out["LOCAL_WORLD_SIZE"] = env["SLURM_NTASKS_PER_NODE"]
+    return out
+
+
+def adopt_slurm():
+    """Under srun, describe this task as torchrun would (sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT in the environment); elsewhere a no-op. Returns the variables set."""
+    found = slurm_environment()
+    os.environ.update(found)
+    return found
 
 
 def resolve_device_type(name):
@@ -192,6 +273,7 @@ def init_from_environment(device):
     Returns (rank, world size, device, whether this call created the group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device, False
+    adopt_slurm()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device, False
     if device.type == "cuda":

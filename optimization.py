@@ -114,22 +114,110 @@ class RMSpropTF(torch.optim.Optimizer):
 
 
 def build_optimizer(model, lr, momentum=0.9, weight_decay=4e-5, decay_norm_and_bias=True, *, opt="sgd", eps=None,
-                    norm_weight_decay=None, bias_weight_decay=None):
+                    norm_weight_decay=None, bias_weight_decay=None, fused=False):
     """The optimizer `opt` over `parameter_groups`: sgd (the seed's), sgd-nesterov, rmsproptf (TensorFlow's
     RMSProp, `RMSpropTF`), rmsprop (torch's, alpha 0.9 as torchvision's recipes), adamw (decoupled weight
-    decay; `momentum` unused). Multi-tensor (foreach) updates, also on the CPU."""
+    decay; `momentum` unused). Multi-tensor (foreach) updates, also on the CPU; `fused` asks for torch's
+    fused kernels where it has them (sgd, sgd-nesterov, adamw), which can skip a step on a device flag
+    (`StepGuard`)."""
     groups = parameter_groups(model, weight_decay, decay_norm_and_bias, norm_weight_decay, bias_weight_decay)
     eps = DEFAULT_EPS.get(opt) if eps is None else eps
+    kind = {"fused": True} if fused and opt in FUSED_OPTIMIZERS else {"foreach": True}
     if opt in ("sgd", "sgd-nesterov"):
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=opt == "sgd-nesterov" and momentum > 0,
-                               foreach=True)
+                               **kind)
     if opt == "rmsproptf":
         return RMSpropTF(groups, lr=lr, alpha=0.9, eps=eps, momentum=momentum)
     if opt == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=eps, momentum=momentum, foreach=True)
     if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=eps, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, eps=eps, **kind)
     raise ValueError(f"unknown optimizer {opt!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+FUSED_OPTIMIZERS = ("sgd", "sgd-nesterov", "adamw")
+
+
+def is_fused(optimizer):
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+class BufferKeeper:
+    """The model's buffers (BatchNorm's running statistics and batch counters) as of the last good step, so
+    that a step found non-finite after its forward pass, which already moved them, changes none of them.
+
+    `flat=True` gathers the buffers into one tensor per dtype that the modules' buffers then view: keeping
+    or restoring them is one kernel per dtype, also when the device decides (`settle` with a tensor flag),
+    where a clone of each of MobileNetV2's ~150 buffers per step would be ~150 kernels. Build it before
+    wrapping the model (DDP and torch.compile keep references to the buffers) and move the model no more.
+    `flat=False` leaves the buffers where they are (for a model already wrapped) and copies them in place.
+    """
+
+    def __init__(self, model, flat=True):
+        entries = [(module, name, buffer) for module in model.modules()
+                   for name, buffer in module._buffers.items() if buffer is not None]
+        if not flat:
+            self.live = [buffer for _, _, buffer in entries]
+        else:
+            groups = {}
+            for entry in entries:
+                groups.setdefault((entry[2].dtype, entry[2].device), []).append(entry)
+            self.live = []
+            for group in groups.values():
+                whole = torch.cat([buffer.detach().reshape(-1) for _, _, buffer in group])
+                offset = 0
+                for module, name, buffer in group:
+                    module._buffers[name] = whole[offset:offset + buffer.numel()].view_as(buffer)
+                    offset += buffer.numel()
+                self.live.append(whole)
+        self.good = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def settle(self, ok):
+        """After a step: keep the buffers where `ok` (a bool, or a 0-dim bool tensor that the host does not
+        read), else put back those of the last good step."""
+        if not self.live:
+            return
+        if isinstance(ok, torch.Tensor):
+            for live, good in zip(self.live, self.good):
+                torch.where(ok, live, good, out=live)  # a select, not arithmetic: NaN statistics go too
+            torch._foreach_copy_(self.good, self.live)
+        elif ok:
+            torch._foreach_copy_(self.good, self.live)
+        else:
+            torch._foreach_copy_(self.live, self.good)
+
+
+class StepGuard:
+    """Applies or skips a fused optimizer's step on a flag that stays on the device, so the host never
+    waits for the GPU to learn whether a step's loss was finite.
+
+    A skipped step changes no weight and no optimizer state: the fused kernels skip their whole update
+    (the step count included) on the `found_inf` flag, as they do under a GradScaler. The BatchNorm
+    statistics are `BufferKeeper`'s business and the EMA's blend gets weight 0 (`ModelEma.after_step`).
+    """
+
+    def __init__(self, optimizer):
+        if not is_fused(optimizer):
+            raise ValueError("StepGuard needs a fused optimizer (it skips a step on a device flag)")
+        self.optimizer = optimizer
+        # A fused SGD whose first step is skipped would leave its momentum buffers allocated but never
+        # written; starting them at zero makes the first real step the same as a plain first step.
+        if isinstance(optimizer, torch.optim.SGD):
+            for group in optimizer.param_groups:
+                if group["momentum"]:
+                    for p in group["params"]:
+                        optimizer.state[p].setdefault("momentum_buffer",
+                                                      torch.zeros_like(p, memory_format=torch.preserve_format))
+
+    @torch.no_grad()
+    def step(self, ok):
+        """The optimizer step, applied where the 0-dim bool tensor `ok` is true, skipped where not."""
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, (~ok).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale, self.optimizer.found_inf
 
 
 def set_lr(optimizer, lr):
@@ -217,25 +305,34 @@ class ModelEma:
         self.decay, self.every, self.warmup_epochs = float(decay), int(every), float(warmup_epochs)
         self._pairs = None
 
-    def after_step(self, model, epoch, index):
-        """Called after optimizer step `index` (0-based, within `epoch`)."""
+    def after_step(self, model, epoch, index, ok=None):
+        """Called after optimizer step `index` (0-based, within `epoch`); `ok`, a 0-dim bool tensor on the
+        device, makes the update a no-op where false (a skipped step) without the host reading it."""
         if index % self.every:
             return
         first_after_warmup = self.warmup_epochs > 0 and epoch == math.ceil(self.warmup_epochs) and index == 0
         copy_weights = (epoch == 0 and index == 0) or epoch < self.warmup_epochs or first_after_warmup
-        self.update(model, 0.0 if copy_weights else self.decay)
+        self.update(model, 0.0 if copy_weights else self.decay, ok)
 
     @torch.no_grad()
-    def update(self, model, decay=None):
+    def update(self, model, decay=None, ok=None):
         if self._pairs is None:
             own, other = self.module.state_dict(), model.state_dict()
             floats = [k for k, v in own.items() if v.is_floating_point()]
             self._pairs = ([own[k] for k in floats], [other[k] for k in floats],
                            [(own[k], other[k]) for k in own if not own[k].is_floating_point()])
         ema, current, rest = self._pairs
-        torch._foreach_lerp_(ema, current, 1.0 - (self.decay if decay is None else decay))
-        for e, c in rest:  # BatchNorm's num_batches_tracked
-            e.copy_(c)
+        weight = 1.0 - (self.decay if decay is None else decay)
+        if ok is None:
+            torch._foreach_lerp_(ema, current, weight)
+            for e, c in rest:  # BatchNorm's num_batches_tracked
+                e.copy_(c)
+            return
+        # ema + 0 x (current - ema) is ema exactly: a skipped step left `current` finite and unchanged.
+        w = ok.to(ema[0].dtype) * weight
+        torch._foreach_lerp_(ema, current, [w] * len(ema))
+        for e, c in rest:
+            e.copy_(torch.where(ok, c, e))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -300,6 +300,11 @@ def _to_tensor(im):
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
 
 
+def decode_rgb(src):
+    """uint8 [3, H, W] of a path or PIL image, decoded by Pillow as RGB (CMYK, greyscale, palette, 16-bit too)."""
+    return _to_tensor(_to_rgb(_open(src))).contiguous()
+
+
 def _decode_jpeg_reduced(data, width, height, reduce):
     """HWC uint8 array of a JPEG decoded straight by libjpeg-turbo (simplejpeg) at about 1/reduce scale, or
     None when simplejpeg is missing or declines the file (CMYK, recoverable damage): then PIL decodes it.
@@ -718,8 +723,9 @@ def _ignore_interrupts(worker_id):
 
 
 def build_loader(dataset, batch_size, sampler, num_workers=4, pin_memory=None, persistent_workers=None,
-                 drop_last=False):
-    """DataLoader of (images uint8 [B,3,H,W], targets, indices, n_failed) int64 tensors.
+                 drop_last=False, collate_fn=None):
+    """DataLoader of (images uint8 [B,3,H,W], targets, indices, n_failed) int64 tensors (or what
+    `collate_fn` makes of the samples: `gpu_data.collate` for the GPU backend's raw samples).
 
     pin_memory defaults to whether CUDA is present; persistent_workers to num_workers > 0 (workers keep
     their file caches and skip a fork per epoch).
@@ -730,7 +736,8 @@ def build_loader(dataset, batch_size, sampler, num_workers=4, pin_memory=None, p
         persistent_workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
-                      drop_last=drop_last, worker_init_fn=_ignore_interrupts if num_workers else None)
+                      drop_last=drop_last, worker_init_fn=_ignore_interrupts if num_workers else None,
+                      collate_fn=collate_fn)
 
 
 def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, interpolation="bilinear"):

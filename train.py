@@ -3,7 +3,8 @@
     python train.py --data-dir /ImageNet --batch-size 256
 
 A plain launch with N visible GPUs starts one process per GPU (DistributedDataParallel); `torchrun`
-works the same way (`torchrun --nproc_per_node=2 train.py --device cpu ...` on the CPU with gloo);
+works the same way (`torchrun --nproc_per_node=2 train.py --device cpu ...` on the CPU with gloo), and so
+does `srun python train.py ...` (each SLURM task becomes the rank torchrun would have started);
 `python train.py --demo` trains on a small generated dataset on the CPU in a few minutes.
 
 Checkpoints (epoch_N.pth, last.pth, best.pth in --save-path; the format is `checkpoint.py`'s) are written
@@ -36,6 +37,7 @@ import cli
 import distributed
 import finetune
 import fused_batchnorm
+import gpu_data
 import image_folders
 import optimization
 import outputs
@@ -189,7 +191,17 @@ def get_args_parser(add_help=True):
                           "(default: on for CUDA, off on the CPU)")
     dev.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="NHWC memory format: same results, faster convolutions on CPU and tensor cores")
-    dev.add_argument("--compile", action="store_true", help="torch.compile the model")
+    dev.add_argument("--compile", action="store_true", help="torch.compile the model (the first step's time, "
+                                                             "compilation included, is logged)")
+    dev.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                     default="default", help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs)")
+    dev.add_argument("--data-backend", choices=["cpu", "gpu"], default="cpu",
+                     help="cpu: loader processes decode and crop (the default until the GPU backend is measured "
+                          "faster); gpu: they only read the files, JPEGs are decoded (nvjpeg) and cropped on the "
+                          "device in batches (on a CPU device: libjpeg in this process, for checks)")
+    dev.add_argument("--sync-free", action=argparse.BooleanOptionalAction, default=None,
+                     help="decide each step on the device, reading the statistics every --print-freq steps "
+                          "(default: on CUDA with --opt sgd, sgd-nesterov or adamw and no float16)")
     dev.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=True,
                      help="CPU training with channels_last: BatchNorm (+ ReLU6) as one compiled kernel each way, "
                           "about 20%% faster, equal to float32 rounding (built once with the C++ compiler PyTorch "
@@ -465,13 +477,16 @@ class Data:
 
 def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_size, val_resize_size, interpolation,
                crop_scale_min, hflip, batch_size, num_workers, seed, context, log, after_crop=None, ra_reps=0,
-               accum_steps=1, *, val_split=None, recorded_split=None, train_augment=True, mean=IMAGENET_MEAN,
-               std=IMAGENET_STD):
+               accum_steps=1, backend="cpu", *, val_split=None, recorded_split=None, train_augment=True,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Datasets, samplers and loaders for this rank; labels as `image_folders` (ImageNet: `read_ImageNetData`)
     assigns them. `after_crop` (augment.after_crop) runs after the crop in the loader processes; `ra_reps` > 0
-    samples with repeated augmentation; each optimizer step takes `accum_steps` loader batches;
+    samples with repeated augmentation; each optimizer step takes `accum_steps` loader batches. `backend`
+    "gpu": the loader processes read bytes and draw the crops, `gpu_data` decodes and crops on the device.
     `train_augment` False trains on the validation transform; `recorded_split`: the held-out files of the
     checkpoint being resumed."""
+    if backend == "gpu":
+        check_gpu_backend(after_crop, interpolation)
     if batch_size % (context.world_size * accum_steps):
         raise UsageError(f"--batch-size {batch_size} does not split evenly over {context.world_size} processes "
                          f"x --accum-steps {accum_steps}")
@@ -504,6 +519,12 @@ def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_siz
     # Workers are not persistent: each epoch's iterator draws its worker seeds from that epoch's stream.
     train_loader = build_loader(train_set, per_rank // accum_steps, sampler, num_workers=num_workers,
                                 pin_memory=pin, persistent_workers=False, drop_last=True)
+    if backend == "gpu":
+        train_loader = on_device(train_set, train_loader, train_crop_size if train_augment else val_crop_size,
+                                 context.device, fallback=train_set)
+        log(f"data backend gpu: loader processes read the files, JPEGs are decoded and cropped on "
+            f"{context.device.type}" + (" (nvjpeg)" if context.device.type == "cuda" else
+                                        " (libjpeg in this process: a check of the GPU path, not a fast one)"))
     steps_per_epoch = sampler.num_samples // per_rank
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {batch_size}: larger than the {len(train_set)} training images")
@@ -512,6 +533,8 @@ def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_siz
         val_loader = build_loader(val_set, per_rank, EvalSampler(len(val_set), context.world_size, context.rank),
                                   num_workers=num_workers, pin_memory=pin, persistent_workers=False,
                                   drop_last=False)
+        if backend == "gpu":
+            val_loader = on_device(val_set, val_loader, val_crop_size, context.device)
     else:
         log(f"warning: no validation images in {data_dir}; best.pth follows nothing, only last.pth is kept")
     preprocessing = {"input_size": val_crop_size, "resize": val_resize_size, "interpolation": interpolation,
@@ -519,6 +542,36 @@ def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_siz
                      "train_crop_size": train_crop_size, "dataset": found.kind, "val_split": found.val_split}
     return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
                 per_rank, steps_per_epoch, preprocessing)
+
+
+def build_data_for(args, saved, context, log):
+    """build_data as the command line asks; `saved`: the checkpoint being resumed (its held-out files)."""
+    return build_data(args.data_dir, args.class_order, args.num_classes, args.train_crop_size, args.val_crop_size,
+                      args.val_resize_size, args.interpolation, args.crop_scale_min, args.hflip, args.batch_size,
+                      args.num_workers, args.seed, context, log,
+                      augment.after_crop(args.auto_augment, args.random_erase, args.interpolation, args.ra_magnitude,
+                                         args.augmix_severity),
+                      args.ra_reps if args.ra_sampler else 0, args.accum_steps,
+                      "cpu" if caches_features(args) else args.data_backend,  # images are read once then
+                      val_split=args.val_split, recorded_split=(checkpoint.meta(saved).get("data") or {}).get("val_split"),
+                      train_augment=args.augment, mean=args.mean, std=args.std)
+
+
+def check_gpu_backend(after_crop, interpolation):
+    if after_crop is not None:
+        raise UsageError("--data-backend gpu crops on the device, where --auto-augment and --random-erase do "
+                         "not run; drop them or use --data-backend cpu")
+    if interpolation != "bilinear":
+        raise UsageError(f"--data-backend gpu resizes bilinearly, not with --interpolation {interpolation}; "
+                         "use --data-backend cpu")
+
+
+def on_device(dataset, loader, size, device, fallback=None):
+    """The same loader over raw samples (file bytes and the drawn crop), decoded and cropped on `device`."""
+    raw = build_loader(gpu_data.device_dataset(dataset), loader.batch_size, loader.sampler,
+                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=False,
+                       drop_last=loader.drop_last, collate_fn=gpu_data.collate)
+    return gpu_data.DeviceLoader(raw, gpu_data.Decoder(size, device, fallback))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -692,6 +745,10 @@ class Learner:
     accum_steps: int = 1        # loader batches (forward/backward passes) per optimizer step
     clip_grad_norm: float = None
     mix: augment.MixupCutmix = None
+    guard: optimization.StepGuard = None  # set: the step is decided on the device (no per-step host sync)
+    read_every: int = 10        # with a guard: steps between reads of the statistics (--print-freq)
+    buffers: optimization.BufferKeeper = None  # the BatchNorm statistics of the last good step
+    compiled: bool = False      # torch.compile: the first step's time (compilation included) is logged
     mean: tuple = IMAGENET_MEAN  # input normalisation, recorded in the checkpoints
     std: tuple = IMAGENET_STD
     on_features: object = None  # model -> its part that runs on cached backbone features (frozen backbone)
@@ -718,16 +775,13 @@ def build_learner(model, args, start, context, log):
     raw = model
     if args.sync_bn and context.distributed:
         raw = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if context.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+    amp_dtype = amp_dtype_for(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    sync_free = use_sync_free(args.sync_free, device, args.opt, scaler)
     optimizer = optimization.build_optimizer(raw.classifier if args.freeze_backbone else raw, args.lr, args.momentum,
                                              args.weight_decay, not args.no_decay_norm_bias, opt=args.opt,
                                              eps=args.opt_eps, norm_weight_decay=args.norm_weight_decay,
-                                             bias_weight_decay=args.bias_weight_decay)
-    amp_dtype = amp_dtype_for(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+                                             bias_weight_decay=args.bias_weight_decay, fused=sync_free)
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -736,6 +790,15 @@ def build_learner(model, args, start, context, log):
                              "--no-decay-norm-bias and --norm/--bias-weight-decay as in the original run") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+    guard = optimization.StepGuard(optimizer) if sync_free else None
+    buffers = optimization.BufferKeeper(raw)  # before the wrappers below, which keep references to the buffers
+    if sync_free:
+        log(f"sync-free steps: the step is decided on the device, statistics read every {args.print_freq} "
+            "steps (--print-freq)")
+    if context.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     schedule = optimization.LRSchedule(args.lr, args.num_epochs, args.lr_schedule, args.lr_gamma,
                                        args.warmup_epochs, args.min_lr, args.lr_step_size, args.lr_warmup_method,
                                        args.lr_warmup_decay)
@@ -744,13 +807,36 @@ def build_learner(model, args, start, context, log):
         mix = augment.MixupCutmix(args.mixup_alpha, args.cutmix_alpha, raw.config["num_classes"])
     return Learner(model, raw, optimization.build_criterion(args.label_smoothing), optimizer, schedule, device,
                    scaler, amp_dtype, args.channels_last, ema, args.max_nonfinite, args.accum_steps,
-                   args.clip_grad_norm, mix, tuple(args.mean), tuple(args.std))
+                   args.clip_grad_norm, mix, guard, args.print_freq, buffers, args.compile,
+                   tuple(args.mean), tuple(args.std))
+
+
+def use_sync_free(asked, device, opt, scaler):
+    """Whether the step is decided on the device (`--sync-free`; None: wherever it can be, which is CUDA).
+
+    It needs a fused optimizer kernel (they skip a step on a device flag) and no float16 GradScaler (which
+    owns that flag). On the CPU a host read costs nothing, so it is only used when asked for (it then runs
+    torch's fused CPU kernels: the same arithmetic, not always the same bits as the multi-tensor ones).
+    """
+    possible = opt in optimization.FUSED_OPTIMIZERS and scaler is None
+    if asked is None:
+        return device.type == "cuda" and possible
+    if asked and not possible:
+        raise UsageError("--sync-free needs --opt " + ", ".join(optimization.FUSED_OPTIMIZERS)
+                         + (" and no float16 autocast (its grad scaler)" if scaler is not None else "")
+                         + f", got --opt {opt}; drop --sync-free")
+    return asked
+
+
+
+def caches_features(args):
+    return args.freeze_backbone and not args.augment and args.cache_features
 
 
 def probe_on_cached_features(learner, data, args, context, log):
     """A frozen backbone without augmentation sees the same images every epoch: its features are computed
     once and the classifier trains on them (`finetune.use_cached_features`); otherwise nothing changes."""
-    if not (args.freeze_backbone and not args.augment and args.cache_features):
+    if not caches_features(args):
         return learner, data
 
     def wrap(head):
@@ -882,6 +968,66 @@ def _step_batches(batches, accum_steps):
             group = []
 
 
+def _apply_step(learner, epoch, step):
+    """The optimizer step of a finite step (gradient clipping, the scaler, the EMA)."""
+    optimizer = learner.optimizer
+    if learner.clip_grad_norm is not None:
+        if learner.scaler is not None:
+            learner.scaler.unscale_(optimizer)
+        optimization.clip_gradients(learner.raw, learner.clip_grad_norm)
+    if learner.scaler is not None:
+        learner.scaler.step(optimizer)
+        learner.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if learner.ema is not None:
+        learner.ema.after_step(learner.raw, epoch, step)
+
+
+def _guarded_step(learner, buffers, ok, epoch, step):
+    """The optimizer step applied where the device flag `ok` says the step was finite on every rank, and
+    a no-op for weights, optimizer state, BatchNorm statistics and EMA where not; nothing is read."""
+    if learner.clip_grad_norm is not None:
+        optimization.clip_gradients(learner.raw, learner.clip_grad_norm)
+    learner.guard.step(ok)
+    buffers.settle(ok)
+    learner.optimizer.zero_grad(set_to_none=True)
+    if learner.ema is not None:
+        learner.ema.after_step(learner.raw, epoch, step, ok)
+
+
+def _tally(meter, row, streak, max_nonfinite, epoch, step, log):
+    """Count one step's all-reduced statistics (loss x n, correct, n, non-finite, stop votes, failed images)
+    into the meter; warn of a skipped step and raise at `max_nonfinite` in a row. Returns the stop votes."""
+    loss_sum, correct, count, nonfinite, stop_votes, n_failed = row
+    if nonfinite:
+        streak[0] += 1
+        meter.skipped += 1
+        log(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}; step skipped "
+            f"({streak[0]} in a row, stop at {max_nonfinite})")
+        if streak[0] >= max_nonfinite:
+            raise TrainingError(f"loss was non-finite for {streak[0]} steps in a row (epoch {epoch + 1}, "
+                                f"step {step + 1}); stopped without saving, the last good checkpoint is "
+                                "kept; lower --lr or check the data")
+    else:
+        streak[0] = 0
+        meter.loss_sum += loss_sum
+        meter.correct += correct
+        meter.count += count
+    meter.failed += int(n_failed)
+    return stop_votes
+
+
+def _read_steps(unread, meter, streak, learner, epoch, log):
+    """Read the statistics of the steps since the last read in one transfer (the only host sync of a
+    guarded step) and count them in order. Returns whether any rank voted to stop."""
+    rows = torch.stack([totals for _, totals in unread]).tolist()
+    votes = [_tally(meter, row, streak, learner.max_nonfinite, epoch, step, log)
+             for (step, _), row in zip(unread, rows)]
+    return any(votes)
+
+
 def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_step=0, meter=None, stop=None,
                     progress=None, on_step=None, log=print):
     """Train over `loader` (which already skips the first `start_step` steps' batches of the epoch).
@@ -897,9 +1043,10 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
     model.train()
     meter = meter or EpochMeter()
     step = start_step
-    bad_in_a_row = 0
     # BatchNorm statistics were already updated by the forward pass of a step that turns out bad.
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    buffers = learner.buffers or optimization.BufferKeeper(model, flat=False)
+    streak = [0]  # non-finite steps in a row
+    unread = []   # with a guard: (step, all-reduced statistics) not yet read by the host
     # Inputs follow the weights' precision (float64 runs serve numerical checks); autocast handles AMP.
     input_dtype = next(model.parameters()).dtype
     amp_dtype = learner.amp_dtype
@@ -909,9 +1056,8 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
         for group in _step_batches(batches, learner.accum_steps):
             lr = learner.schedule(epoch, step, steps_per_epoch)
             optimization.set_lr(optimizer, lr)
-            saved_buffers = [b.clone() for b in buffers]
             local = torch.zeros(4, dtype=torch.float64, device=device)  # loss x n, correct, n, non-finite
-            n_failed, indices = 0, []
+            n_failed, indices, n_images = 0, [], 0
             for k, (images, targets, batch_indices, failed) in enumerate(group):
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
@@ -933,60 +1079,57 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
                     with distributed.collective() if context.distributed else contextlib.nullcontext():  # DDP syncs here
                         (learner.scaler.scale(scaled) if learner.scaler is not None else scaled).backward()
                 n = targets.numel()
+                n_images += n
                 local += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == targets).sum().double(),
-                                      torch.tensor(float(n), dtype=torch.float64, device=device),
+                                      torch.full((), float(n), dtype=torch.float64, device=device),
                                       (~torch.isfinite(loss.detach())).double()])
-                n_failed += int(failed.sum())
+                n_failed += int(failed.sum())  # a CPU tensor from the loader: no device sync
                 indices.append(batch_indices)
             indices = torch.cat(indices) if len(indices) > 1 else indices[0]
 
             # One small all-reduce per step carries the statistics, the non-finite check and the stop vote,
             # so every rank takes the same decision at the same step.
-            stats = torch.cat([local, torch.tensor([float(stop is not None and stop.signum is not None),
-                                                    float(n_failed)], dtype=torch.float64, device=device)])
-            totals = distributed.all_reduce_sum(stats, context).tolist()
-            loss_sum, correct, count, nonfinite, stop_votes, n_failed = totals
-
-            if nonfinite:
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for b, s in zip(buffers, saved_buffers):
-                        b.copy_(s)
-                bad_in_a_row += 1
-                meter.skipped += 1
-                log(f"warning: non-finite loss at epoch {epoch + 1} step {step + 1}; step skipped "
-                    f"({bad_in_a_row} in a row, stop at {learner.max_nonfinite})")
-                if bad_in_a_row >= learner.max_nonfinite:
-                    raise TrainingError(f"loss was non-finite for {bad_in_a_row} steps in a row (epoch {epoch + 1}, "
-                                        f"step {step + 1}); stopped without saving, the last good checkpoint is "
-                                        "kept; lower --lr or check the data")
+            # (Host numbers enter as fills, not copies: a copy from the host would wait for the GPU.)
+            stats = torch.empty(6, dtype=torch.float64, device=device)
+            stats[:4] = local
+            stats[4] = float(stop is not None and stop.signum is not None)
+            stats[5] = float(n_failed)
+            totals = distributed.all_reduce_sum(stats, context)
+            if learner.guard is not None:
+                # Decided on the device: the host queues the next step without waiting for this one.
+                _guarded_step(learner, buffers, totals[3] == 0, epoch, step)
+                unread.append((step, totals))
+                step += 1
+                stop_votes = 0.0
+                if step % learner.read_every == 0 or step == steps_per_epoch:
+                    stop_votes = _read_steps(unread, meter, streak, learner, epoch, log)
+                    unread = []
+                count = float(n_images * context.world_size)
             else:
-                bad_in_a_row = 0
-                if learner.clip_grad_norm is not None:
-                    if learner.scaler is not None:
-                        learner.scaler.unscale_(optimizer)
-                    optimization.clip_gradients(learner.raw, learner.clip_grad_norm)
-                if learner.scaler is not None:
-                    learner.scaler.step(optimizer)
-                    learner.scaler.update()
+                row = totals.tolist()
+                buffers.settle(not row[3])
+                if row[3]:
+                    optimizer.zero_grad(set_to_none=True)
                 else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if learner.ema is not None:
-                    learner.ema.after_step(learner.raw, epoch, step)
-                meter.loss_sum += loss_sum
-                meter.correct += correct
-                meter.count += count
-            meter.failed += int(n_failed)
-            step += 1
+                    _apply_step(learner, epoch, step)
+                stop_votes = _tally(meter, row, streak, learner.max_nonfinite, epoch, step, log)
+                count = row[2]
+                step += 1
             now = time.perf_counter()
             seconds, last = now - last, now
             meter.seconds += seconds
+            if learner.compiled:
+                # Compilation happens on the host while the first step is queued, so this is its time.
+                log(f"torch.compile: the first step took {seconds:.1f} s, compilation included")
+                learner.compiled = False
             if progress is not None:
                 progress.update(step, meter.loss, meter.top1, lr, count / seconds if seconds > 0 else 0.0)
             if on_step is not None:
                 on_step(epoch, step, indices)
             if stop_votes:
+                return meter, step, True
+        if unread:
+            if _read_steps(unread, meter, streak, learner, epoch, log):
                 return meter, step, True
     except RuntimeError as e:
         if isinstance(e, cli.ScriptError) or not _loader_died(batches):
@@ -1101,14 +1244,7 @@ def train(args, context, stop, run_dir, on_step=None):
         log(line)
     path, saved = find_resume(args.resume, save_path, context, log)
     run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
-    data = build_data(args.data_dir, args.class_order, args.num_classes, args.train_crop_size, args.val_crop_size,
-                      args.val_resize_size, args.interpolation, args.crop_scale_min, args.hflip, args.batch_size,
-                      args.num_workers, args.seed, context, log,
-                      augment.after_crop(args.auto_augment, args.random_erase, args.interpolation, args.ra_magnitude,
-                                         args.augmix_severity),
-                      args.ra_reps if args.ra_sampler else 0, args.accum_steps, val_split=args.val_split,
-                      recorded_split=(checkpoint.meta(saved).get("data") or {}).get("val_split"),
-                      train_augment=args.augment, mean=args.mean, std=args.std)
+    data = build_data_for(args, saved, context, log)
 
     checkpoint.seed_everything(args.seed)
     model = MobileNetV2(num_classes=data.num_classes, width_mult=args.width_mult, dropout=args.dropout,
@@ -1244,6 +1380,7 @@ def _guarded(args, on_step=None):
 def main(args, on_step=None):
     """Entry point; `on_step(epoch, step, indices)` is called after every training step (tests use it)."""
     try:
+        distributed.adopt_slurm()  # `srun python train.py`: each task becomes the rank torchrun would start
         args = check_args(args)
         device_type = distributed.resolve_device_type(args.device)
         if args.demo and not distributed.launched_by_launcher():

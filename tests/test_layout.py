@@ -27,7 +27,8 @@ ALLOWED = {
     "evaluate": {"checkpoint", "cli", "distributed", "image_folders", "inference", "outputs", "read_ImageNetData",
                  "weights"},
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
-    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "finetune", "fused_batchnorm",
+    "gpu_data": {"read_ImageNetData"},
+    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "finetune", "fused_batchnorm", "gpu_data",
               "image_folders", "MobileNetV2", "optimization", "outputs", "read_ImageNetData", "weights"},
 }
 

@@ -626,3 +626,59 @@ def test_a_failing_rank_ends_the_whole_job_in_bounded_time(data, tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert time.monotonic() - started < 150
+
+
+# ----------------------------------------------------------------------------------------------------
+# SLURM: srun starts the tasks, each finds its rank in SLURM's variables
+
+
+def test_slurm_node_lists_expand_as_scontrol_would():
+    import distributed
+    assert distributed.expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert distributed.expand_hostlist("gpu5") == ["gpu5"]
+    assert distributed.expand_hostlist("r[1-2]n[9-10]") == ["r1n9", "r1n10", "r2n9", "r2n10"]
+    assert distributed.expand_hostlist("a-1,b[8-10]") == ["a-1", "b8", "b9", "b10"]
+    for broken in ("node[01-03", "node[3-1]", "node[a-b]", ""):
+        with pytest.raises(distributed.UsageError):
+            distributed.expand_hostlist(broken)
+
+
+def test_a_slurm_task_is_described_as_torchrun_would_describe_it():
+    import distributed
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu[007-009],cpu1"}
+    assert distributed.slurm_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                                  "MASTER_ADDR": "gpu007", "MASTER_PORT": str(29500 + 3456)}
+    assert distributed.slurm_environment({**env, "MASTER_PORT": "4000"})["MASTER_PORT"] == "4000"
+    assert distributed.slurm_environment({**env, "SLURM_NTASKS": "1"}) == {}  # one task: no process group
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert distributed.slurm_environment({**env, **torchrun}) == {}  # torchrun inside an allocation wins
+    with pytest.raises(distributed.UsageError):
+        distributed.slurm_environment({k: v for k, v in env.items() if k != "SLURM_JOB_NODELIST"})
+
+
+def test_two_slurm_tasks_train_as_one_job_like_torchrun(data, tmp_path):
+    """What `srun --ntasks 2 python train.py ...` starts: two plain processes that differ only in SLURM's
+    variables; together they are one job of two ranks (gloo on the CPU)."""
+    out = tmp_path / "out"
+    flags = ["--data-dir", data, "--save-path", out, "--batch-size", BATCH, "--num-epochs", "1",
+             "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu"]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_ID="4242",
+                SLURM_JOB_NODELIST="localhost,node[2-3]", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags)], cwd=REPO,
+                              env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "2 x 4" in results[0][0]  # the log names the per-process share of the global batch
+    ckpt = load(out / "last.pth")
+    assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1
+
