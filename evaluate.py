@@ -332,6 +332,9 @@ def get_args_parser(add_help=True):
     exp = p.add_argument_group("export (dynamic batch size, checked against PyTorch)")
     exp.add_argument("--export-onnx", type=Path, default=None, help="write an ONNX model here")
     exp.add_argument("--export-torchscript", type=Path, default=None, help="write a TorchScript model here")
+    exp.add_argument("--export-pte", type=Path, default=None,
+                     help="write an ExecuTorch program for phones here (XNNPACK, float32, one image per call; "
+                          "needs pip install executorch; INT8: quantize.py --export-pte)")
     exp.add_argument("--opset", type=cli.positive_int, default=17, help="ONNX opset")
     exp.add_argument("--export-tolerance", type=cli.positive_float, default=1e-4,
                      help="largest |logit difference| the exported model may show")
@@ -367,7 +370,8 @@ def load_onnx_weights(args, device, log):
     clashes = [flag for flag, given in (("--ema", args.ema), ("--amp", args.amp), ("--compile", args.compile),
                                         ("--backend torch", args.backend == "torch"),
                                         ("--export-onnx", args.export_onnx),
-                                        ("--export-torchscript", args.export_torchscript)) if given]
+                                        ("--export-torchscript", args.export_torchscript),
+                                        ("--export-pte", args.export_pte)) if given]
     if clashes:
         raise UsageError(f"{clashes[0]} needs PyTorch weights, and --weights {path} is an ONNX file; drop it")
     if device.type != "cpu":
@@ -467,8 +471,9 @@ def run(args):
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
-    if not (args.images or args.data_dir or args.export_onnx or args.export_torchscript):
-        raise UsageError("nothing to do: give --data-dir, image files, --export-onnx or --export-torchscript")
+    if not (args.images or args.data_dir or args.export_onnx or args.export_torchscript or args.export_pte):
+        raise UsageError("nothing to do: give --data-dir, image files, --export-onnx, --export-torchscript or "
+                         "--export-pte")
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
     if device.type == "cuda" and not args.amp:
@@ -522,12 +527,12 @@ def _run(args, device, rank, world, log):
               "published": entry["published"] if entry else None, "model_config": dict(model.config),
               "class_order": order, "preprocessing": pre}
 
-    if (args.export_onnx or args.export_torchscript) and rank == 0:
+    if (args.export_onnx or args.export_torchscript or args.export_pte) and rank == 0:
         wnids, names = class_names(args, meta, order, num_classes)
         deployed = inference.deployment_metadata({"order": order, "wnids": wnids if all(wnids) else None,
                                                   "names": names}, pre, dict(model.config))
         result["export"] = run_exports(model, args.export_onnx, args.export_torchscript, pre["input_size"],
-                                       args.opset, args.export_tolerance, log, deployed)
+                                       args.opset, args.export_tolerance, log, deployed, args.export_pte)
     fast, channels_last, backend = fast_model(model, device, pre["input_size"], args.batch_size, args.amp,
                                               args.compile, args.plain, args.backend, log)
     if backend:
@@ -573,7 +578,8 @@ def write_output(path, writer, *contents):
     writer(path, *contents)
 
 
-def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance, log, metadata=None):
+def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance, log, metadata=None,
+                pte_path=None):
     # Exported models carry the folded convolutions: the same function, fewer operators to run. The
     # check compares with the model as loaded, so the folding is verified along with the export.
     model = model.cpu().eval()
@@ -581,10 +587,12 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
     inference.fold_batchnorm(deploy)
     report = {}
     for kind, target, export in (("onnx", onnx_path, inference.export_onnx),
-                                 ("torchscript", torchscript_path, inference.export_torchscript)):
+                                 ("torchscript", torchscript_path, inference.export_torchscript),
+                                 ("pte", pte_path, inference.export_pte)):
         if target is None:
             continue
-        kwargs = {"opset": opset, "metadata": metadata} if kind == "onnx" else {}
+        kwargs = {"opset": opset, "metadata": metadata} if kind == "onnx" else \
+            {"metadata": metadata} if kind == "pte" else {}
         diff = export(deploy, target, input_size=input_size, reference=model, **kwargs)
         report[kind] = {"path": str(target), "max_abs_diff": diff}
         if diff is None:

@@ -281,6 +281,57 @@ def export_torchscript(model, path, input_size=224, reference=None, check_batch=
         return (loaded(x) - reference(x)).abs().max().item()
 
 
+def export_pte(model, path, input_size=224, reference=None, metadata=None, check_inputs=None):
+    """Write `model` as an ExecuTorch program (.pte) for phones: exported with torch.export for one image
+    at a time, every operator XNNPACK runs lowered to its delegate; float32, or INT8 when `model` comes
+    from `quantization.quantize_pt2e`. `metadata` (a dict) is kept as JSON in the program's constant
+    method "metadata", as ONNX files keep it. The written file is then run by ExecuTorch's runtime:
+    returns the max |logit difference| to `reference` (default: `model`) in PyTorch over `check_inputs`
+    (single images, default: three random ones)."""
+    path = Path(path)
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError:
+        raise InferenceError(f"{path}: writing an ExecuTorch program needs the executorch package (about 130 MB, "
+                             "with torchao; its release must match this torch): pip install executorch") from None
+    if not isinstance(model, torch.fx.GraphModule):
+        model = copy.deepcopy(unwrap(model)).cpu().eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    reference = model if reference is None else reference
+    with torch.no_grad():
+        exported = torch.export.export(model, (parity_input(input_size, 1),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # notes from the lowering passes
+        program = to_edge_transform_and_lower(
+            exported, partitioner=[XnnpackPartitioner()],
+            constant_methods={"metadata": json.dumps(metadata)} if metadata is not None else None).to_executorch()
+    data = program.buffer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+    program = ExecuTorchModel(data)
+    x = parity_input(input_size, 3, seed=1) if check_inputs is None else check_inputs
+    with torch.no_grad():
+        return (program(x) - reference(x)).abs().max().item()
+
+
+class ExecuTorchModel(nn.Module):
+    """A program `export_pte` wrote, run by ExecuTorch's Python runtime (XNNPACK on this CPU), one image at
+    a time as on a phone. Takes and returns torch tensors, so `evaluate` scores it like any model."""
+
+    def __init__(self, program):
+        super().__init__()
+        from executorch.runtime import Runtime
+        # the method runs inside the loaded program, which reads the bytes in place: all three must live
+        self.data = program
+        self.program = Runtime.get().load_program(program)
+        self.method = self.program.load_method("forward")
+
+    def forward(self, images):
+        return torch.cat([self.method.execute([x[None].float().contiguous()])[0] for x in images])
+
+
 # --------------------------------------------------------------------------------------------------
 # Single images
 
