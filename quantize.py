@@ -58,7 +58,7 @@ def get_args_parser(add_help=True):
                    help="width the weights must have (default: read from the file)")
     p.add_argument("--pretrained-dir", type=Path, default=PRETRAINED_DIR,
                    help="where named public weights are stored")
-    p.add_argument("--out", type=Path, default=None, help="the INT8 ONNX file to write")
+    p.add_argument("--out", type=Path, default=None, help="the INT8 ONNX file to write (*.onnx)")
 
     data = p.add_argument_group("data (named as in evaluate.py)")
     data.add_argument("--data-dir", type=Path, required=True,
@@ -96,6 +96,9 @@ def get_args_parser(add_help=True):
                    help="take the mean shift that rounding the weights causes out of each layer's bias")
 
     out = p.add_argument_group("outputs")
+    out.add_argument("--export-pte", type=Path, default=None,
+                     help="also write an INT8 ExecuTorch program for phones here (XNNPACK delegate, one image per "
+                          "call), checked with ExecuTorch's runtime; needs pip install executorch")
     out.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     out.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,9 +115,9 @@ def main(args):
 
 def run(args):
     log = cli.logger(True)
-    if args.out is None:
-        raise UsageError("--out: say where to write the INT8 ONNX file (e.g. --out mobilenet_v2.int8.onnx)")
-    if args.out.suffix.lower() != ".onnx":
+    if args.out is None and args.export_pte is None:
+        raise UsageError("nothing to write: give --out model.int8.onnx and/or --export-pte model.int8.pte")
+    if args.out is not None and args.out.suffix.lower() != ".onnx":
         raise UsageError(f"--out {args.out}: name the file *.onnx, so evaluate.py reads it as ONNX")
     if not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
@@ -136,34 +139,64 @@ def run(args):
                                                                   args.max_images, args.seed, log)
     transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
     calibration = CalibrationImages(calibration_samples, transform, pre, args.batch_size, args.num_workers)
-    metadata = inference.deployment_metadata(
-        {"order": order, "wnids": list(classes.wnids), "names": list(classes.names)}, pre, dict(model.config),
-        int8={"calibration_method": args.calibration_method, "bias_correction": args.bias_correction,
+    scored = ImageNetDataset(scored_samples, transform, train=False)
+    recipe = {"calibration_method": args.calibration_method, "bias_correction": args.bias_correction,
               "calibration_images": len(calibration_samples), "calibration_seed": args.seed,
-              "weights": "int8, symmetric, per output channel", "activations": "uint8, per tensor",
-              "source_sha256": digest})
-    start = time.perf_counter()
-    report = quantization.quantize_onnx(model, calibration, args.out, pre["input_size"], args.calibration_method,
-                                        args.bias_correction, metadata)
+              "weights": "int8, symmetric, one scale per output channel", "source_sha256": digest}
+
+    def metadata(activations):
+        return inference.deployment_metadata(
+            {"order": order, "wnids": list(classes.wnids), "names": list(classes.names)}, pre, dict(model.config),
+            int8=dict(recipe, activations=activations))
+
+    result = {"weights": str(path), "sha256": digest, "model_config": dict(model.config), "class_order": order,
+              "preprocessing": pre, "recipe": recipe}
+    float_model = inference.OnnxRuntimeModel(model, pre["input_size"])
+    int8_models = {}
+    if args.out is not None:
+        start = time.perf_counter()
+        report = quantization.quantize_onnx(model, calibration, args.out, pre["input_size"], args.calibration_method,
+                                            args.bias_correction, metadata("uint8, one scale per tensor"))
+        log(f"wrote {args.out}: INT8 {report['bytes'] / 1e6:.2f} MB (float {report['float_bytes'] / 1e6:.2f} MB), "
+            f"calibrated on {calibration.used} images ({args.calibration_method}"
+            f"{', bias correction on %d layers' % report['corrected_layers'] if args.bias_correction else ''}) "
+            f"in {time.perf_counter() - start:.0f} s")
+        result["onnx"] = report
+        int8_models["INT8 ONNX"] = inference.OnnxFileModel(args.out)
+    if args.export_pte is not None:
+        result["pte"] = write_pte(model, calibration, scored, pre, args, metadata("int8, one scale per tensor"), log)
+        int8_models["INT8 ExecuTorch"] = inference.ExecuTorchModel(args.export_pte.read_bytes())
     if calibration.failed:
         log(f"warning: {calibration.failed} calibration images did not decode and were left out")
-    log(f"wrote {args.out}: INT8 {report['bytes'] / 1e6:.2f} MB (float {report['float_bytes'] / 1e6:.2f} MB), "
-        f"calibrated on {calibration.used} images ({args.calibration_method}"
-        f"{', bias correction on %d layers' % report['corrected_layers'] if args.bias_correction else ''}) "
-        f"in {time.perf_counter() - start:.0f} s")
+    result["calibration_images"] = calibration.used
 
-    float_model = inference.OnnxRuntimeModel(model, pre["input_size"])
-    int8_model = inference.OnnxFileModel(args.out)
-    result = {"weights": str(path), "sha256": digest, "out": str(args.out), "model_config": dict(model.config),
-              "class_order": order, "preprocessing": pre, "quantization": report,
-              "calibration_images": calibration.used}
-    result["accuracy"] = compare_accuracy(float_model, int8_model, scored_samples, transform, pre, args, scored_on,
-                                          log)
-    if not args.no_speed:
-        result["speed"] = compare_speed(float_model, int8_model, args.batch_size, pre["input_size"], log)
+    result["accuracy"] = compare_accuracy(float_model, int8_models, scored, pre, args, scored_on, log)
+    if not args.no_speed and args.out is not None:
+        result["speed"] = compare_speed(float_model, int8_models["INT8 ONNX"], args.batch_size, pre["input_size"],
+                                        log)
     if args.json:
         evaluate.write_output(args.json, outputs.write_json, result)
     return result
+
+
+def write_pte(model, calibration, scored, pre, args, metadata, log):
+    """The INT8 ExecuTorch program, run by ExecuTorch's runtime on a few of the scored images against the
+    quantized model in PyTorch; refused when they differ by more than 5% of the largest logit."""
+    start = time.perf_counter()
+    quantized = quantization.quantize_pt2e(model, calibration, pre["input_size"], args.bias_correction)
+    images = torch.stack([scored[i][0] for i in range(min(8, len(scored)))])
+    x = normalize(images, pre["mean"], pre["std"])
+    diff = inference.export_pte(quantized, args.export_pte, pre["input_size"], metadata=metadata, check_inputs=x)
+    with torch.no_grad():
+        scale = quantized(x).abs().max().item()
+    size = args.export_pte.stat().st_size
+    log(f"wrote {args.export_pte}: INT8 ExecuTorch program (XNNPACK) {size / 1e6:.2f} MB in "
+        f"{time.perf_counter() - start:.0f} s; its logits differ from the quantized model in PyTorch by at most "
+        f"{diff:.3f} (largest logit {scale:.1f})")
+    if not diff <= 0.05 * scale:
+        raise quantization.QuantizationError(f"{args.export_pte}: ExecuTorch's logits differ from PyTorch's by "
+                                             f"{diff:.3f}, more than 5% of the largest ({scale:.1f}); do not deploy it")
+    return {"path": str(args.export_pte), "bytes": size, "max_abs_diff": diff, "largest_logit": scale}
 
 
 def read_data_classes(data_dir, order, num_classes, meta):
@@ -186,7 +219,8 @@ def split_images(data_dir, classes, calibration_images, max_images, seed, log):
     images; with no train images, val is split in two. The two sets never share an image."""
     layout = find_layout(data_dir)
     train = list_samples(layout, "train", classes) if layout.train_dir else []
-    val = list_samples(layout, "val", classes) if layout.val_dir and (layout.ground_truth or not layout.val_flat) else []
+    labelled_val = layout.val_dir and (layout.ground_truth or not layout.val_flat)
+    val = list_samples(layout, "val", classes) if labelled_val else []
     rng = random.Random(seed)
     if train:
         pool = train[:]
@@ -235,23 +269,26 @@ class CalibrationImages:
         self.used, self.failed = used, failed
 
 
-def compare_accuracy(float_model, int8_model, samples, transform, pre, args, scored_on, log):
-    """Top-1/top-5 of both models on the same images, and how often their top-1 classes agree."""
-    dataset = ImageNetDataset(samples, transform, train=False)
+def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, log):
+    """Top-1/top-5 of the float model and each INT8 one on the same images, and how often each INT8
+    model's top-1 class is the float model's."""
     loader = build_loader(dataset, args.batch_size, EvalSampler(len(dataset)), num_workers=args.num_workers)
-    scores = {}
-    for name, model in (("float", float_model), ("int8", int8_model)):
-        scores[name] = evaluate.evaluate(model, loader, "cpu", mean=pre["mean"], std=pre["std"], channels_last=False,
-                                         progress=not args.no_progress, collect_predictions=True)
-    first = {name: [p["top5"][0] for p in s.pop("predictions")] for name, s in scores.items()}
-    agree = 100.0 * sum(a == b for a, b in zip(first["float"], first["int8"])) / max(1, len(first["float"]))
-    f, q = scores["float"], scores["int8"]
-    log(f"on {f['images']} {scored_on} images: float top-1 {f['top1']:.3f}% top-5 {f['top5']:.3f}%; INT8 top-1 "
-        f"{q['top1']:.3f}% top-5 {q['top5']:.3f}% ({q['top1'] - f['top1']:+.3f} points); the two agree on "
-        f"{agree:.2f}% of top-1 classes")
+    scores, first = {}, {}
+    for name, model in {"float": float_model, **int8_models}.items():
+        stats = evaluate.evaluate(model, loader, "cpu", mean=pre["mean"], std=pre["std"], channels_last=False,
+                                  progress=not args.no_progress, collect_predictions=True)
+        first[name] = [p["top5"][0] for p in stats.pop("predictions")]
+        scores[name] = stats
+    f = scores["float"]
+    log(f"on {f['images']} {scored_on} images: float top-1 {f['top1']:.3f}% top-5 {f['top5']:.3f}%")
+    for name in int8_models:
+        q = scores[name]
+        q["top1_agreement"] = 100.0 * sum(a == b for a, b in zip(first["float"], first[name])) / max(1, f["images"])
+        log(f"  {name}: top-1 {q['top1']:.3f}% ({q['top1'] - f['top1']:+.3f} points) top-5 {q['top5']:.3f}%; "
+            f"same top-1 class as float on {q['top1_agreement']:.2f}% of the images")
     if f["failed"]:
-        log(f"warning: {f['failed']} images did not decode and were scored as misses by both")
-    return {"scored_on": scored_on, "images": f["images"], "float": f, "int8": q, "top1_agreement": agree}
+        log(f"warning: {f['failed']} images did not decode and were scored as misses by all")
+    return {"scored_on": scored_on, "images": f["images"], **scores}
 
 
 def compare_speed(float_model, int8_model, batch_size, input_size, log, repeats=5, latency_runs=20):
