@@ -95,14 +95,24 @@ class ConvBNReLU6(nn.Sequential):
         )
 
 
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016): in training, each sample's branch is dropped with probability p
+    and kept ones are scaled by 1/(1 - p), so the expected output is unchanged; identity in evaluation."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
+
+
 class InvertedResidual(nn.Module):
     """Bottleneck residual block (paper, Table 1): expand (1x1), depthwise (3x3), project (1x1, linear)."""
 
-    def __init__(self, in_channels, out_channels, stride, expand_ratio):
+    def __init__(self, in_channels, out_channels, stride, expand_ratio, drop_path=0.0):
         super().__init__()
         hidden = int(round(in_channels * expand_ratio))
         # The shortcut joins the thin bottlenecks, not the wide expansions (paper, Sec. 3.3).
         self.use_residual = stride == 1 and in_channels == out_channels
+        self.drop_path = drop_path if self.use_residual else 0.0  # a block without a shortcut is never dropped
         layers = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU6(in_channels, hidden, kernel_size=1))  # expand
@@ -117,12 +127,12 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x):
         if self.use_residual:
-            return x + self.conv(x)
+            return x + drop_path(self.conv(x), self.drop_path, self.training)
         return self.conv(x)
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes=1000, width_mult=1.0, dropout=0.0, round_nearest=8):
+    def __init__(self, num_classes=1000, width_mult=1.0, dropout=0.0, round_nearest=8, drop_path=0.0):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -130,17 +140,20 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"width_mult must be positive, got {width_mult}")
         # Constructor arguments as plain data: saved with every checkpoint to rebuild the model without flags.
         self.config = {"num_classes": int(num_classes), "width_mult": float(width_mult),
-                       "dropout": float(dropout), "round_nearest": int(round_nearest)}
+                       "dropout": float(dropout), "round_nearest": int(round_nearest), "drop_path": float(drop_path)}
         channels = make_divisible(STEM_CHANNELS * width_mult, round_nearest)
         # The head is only widened, never thinned: thinning it hurts small models (paper, Sec. 6.1).
         self.last_channel = make_divisible(HEAD_CHANNELS * max(1.0, width_mult), round_nearest)
 
         features = [ConvBNReLU6(3, channels, stride=2)]
+        blocks = sum(n for _, _, n, _ in STAGES)
         for t, c, n, s in STAGES:
             out_channels = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
-                # Only the first block of a stage downsamples.
-                features.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, t))
+                # Only the first block of a stage downsamples. Stochastic depth grows linearly with depth,
+                # from 0 at the first block by drop_path/17 a block (as timm's EfficientNet family).
+                rate = drop_path * (len(features) - 1) / blocks
+                features.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, t, rate))
                 channels = out_channels
         features.append(ConvBNReLU6(channels, self.last_channel, kernel_size=1))
         self.features = nn.Sequential(*features)

@@ -13,7 +13,6 @@ import hashlib
 import io
 import pickle
 import random
-import re
 import zipfile
 from pathlib import Path
 
@@ -22,16 +21,16 @@ import torch
 from torch import nn
 
 from cli import ScriptError
-from outputs import OutputError, atomic_write
+from outputs import CHECKPOINT_NAME, OutputError, atomic_write
 
 FORMAT = "mobilenetv2-checkpoint"
 VERSION = 1
 # Everything a training checkpoint holds besides format, version and sha256.
 KEYS = ("model", "model_ema", "model_config", "classes", "data", "epoch", "step", "optimizer", "scaler",
-        "best_acc1", "rng", "sampler", "metrics", "partial", "world_size", "args")
+        "best_acc1", "rng", "sampler", "metrics", "partial", "world_size", "args", "run_id")
 REQUIRED = ("model", "optimizer", "epoch", "step")  # what a resume cannot do without
 # Files `--resume auto` considers; temporary files (".name.tmp-...") never match.
-NAME = re.compile(r"^(last|best|epoch_(\d+))\.pth$")
+NAME = CHECKPOINT_NAME
 
 
 class WeightsError(ScriptError, ValueError):
@@ -100,6 +99,27 @@ def _first_line(error):
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+# A weight file's records may declare at most this much data: compression of float tensors gains little, so
+# a record claiming far more than the file holds is a decompression bomb, refused before any allocation.
+MAX_EXPANSION = 4
+MAX_DECLARED_BYTES = 8 * 2**30
+
+
+def _check_declared_sizes(path):
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable weight file ({_first_line(e)}); "
+                           "it is corrupt or truncated, use another copy") from None
+    size = path.stat().st_size
+    if declared > min(MAX_EXPANSION * size + 2**20, MAX_DECLARED_BYTES):
+        raise WeightsError(f"{path}: its records declare {declared / 2**20:.0f} MiB in a {size / 2**20:.1f} MiB "
+                           "file; refused before reading (a damaged or hostile file), use another copy")
+
+
 def read_weights(path):
     """Read a weight or checkpoint file of any layout as plain data, refusing anything that would run code.
 
@@ -112,6 +132,7 @@ def read_weights(path):
         raise WeightsError(f"{path}: no such weight file; check the path")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: the file is empty (an interrupted download or save?); use another copy")
+    _check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,7 +150,43 @@ def read_weights(path):
     if "sha256" in data and data["sha256"] != digest(data):
         raise WeightsError(f"{path}: contents differ from the checksum saved inside it (a damaged copy "
                            "or bit rot); use another checkpoint")
+    if is_checkpoint(data):
+        _check_entries(data, path)
     return data
+
+
+def _is_int(value, low=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+# What each entry of a training checkpoint must be, when present: a file that claims the format but holds
+# something else is refused here in one line instead of failing deep inside a resume or an evaluation.
+_SHAPES = {
+    "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    "model_ema": lambda v: v is None or (isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())),
+    "model_config": lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("num_classes"), 1)
+                                            and isinstance(v.get("width_mult"), (int, float)) and v["width_mult"] > 0
+                                            and isinstance(v.get("dropout", 0.0), (int, float))),
+    "classes": lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(v.get(k), (list, tuple)) and all(isinstance(x, str) for x in v[k])
+        for k in ("wnids", "names") if v.get(k) is not None)),
+    "data": lambda v: v is None or isinstance(v, dict),
+    "epoch": _is_int,
+    "step": _is_int,
+    "optimizer": lambda v: isinstance(v, dict),
+    "metrics": lambda v: v is None or (isinstance(v, list) and all(isinstance(m, dict) for m in v)),
+    "rng": lambda v: v is None or isinstance(v, dict),
+    "sampler": lambda v: v is None or isinstance(v, dict),
+    "args": lambda v: v is None or isinstance(v, dict),
+}
+
+
+def _check_entries(data, path):
+    for key, fits in _SHAPES.items():
+        if key in data and not fits(data[key]):
+            raise WeightsError(f"{path}: its {key!r} entry is not what a {FORMAT} holds "
+                               f"({type(data[key]).__name__}); the file is damaged or not one of this repo's, "
+                               "use another copy")
 
 
 def read(path):
@@ -144,17 +201,25 @@ def read(path):
 
 
 def find_latest(directory, log=print):
-    """The newest checkpoint in `directory` that loads: (path, data), or (None, None) if there is none.
-    Unreadable files are skipped with a note; if every candidate is unreadable, that is an error."""
+    """The newest checkpoint in `directory` that loads, by the epoch and step stored in it (never by file
+    times, which a copy changes): (path, data), or (None, None) if there is none. On a tie last.pth wins.
+
+    last.pth and best.pth are read, then epoch_N.pth from the highest N down while N could still be newer
+    than the best found, so a long run's hundred epoch files are not all read. Unreadable files are skipped
+    with a note; if every candidate is unreadable, that is an error.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None, None
-    priority = {"last.pth": 0, "best.pth": 2}
     candidates = [p for p in directory.iterdir() if NAME.match(p.name) and p.is_file()]
-    # Newest first; on equal times prefer last.pth, then later epochs, then best.pth (an older epoch).
-    candidates.sort(key=lambda p: (-p.stat().st_mtime_ns, priority.get(p.name, 1),
-                                   -int(NAME.match(p.name).group(2) or 0)))
-    for path in candidates:
+    named = [p for p in candidates if not NAME.match(p.name).group(2)]
+    numbered = sorted((p for p in candidates if NAME.match(p.name).group(2)),
+                      key=lambda p: -int(NAME.match(p.name).group(2)))
+    best = None  # ((epoch, step, is last.pth), path, data)
+    for path in sorted(named, key=lambda p: p.name != "last.pth") + numbered:
+        number = NAME.match(path.name).group(2)
+        if number is not None and best is not None and int(number) <= best[0][0]:
+            break  # epoch_N.pth holds epoch N at step 0: it cannot be newer than what was found
         try:
             data = read(path)
         except WeightsError as e:
@@ -163,7 +228,11 @@ def find_latest(directory, log=print):
         if not is_checkpoint(data):
             log(f"note: --resume auto skips {path}: not a training checkpoint of this repo")
             continue
-        return path, data
+        key = (int(data["epoch"]), int(data["step"]), path.name == "last.pth")
+        if best is None or key > best[0]:
+            best = (key, path, data)
+    if best is not None:
+        return best[1], best[2]
     if candidates:
         raise CheckpointError(f"--resume auto: none of the {len(candidates)} checkpoints in {directory} loads; "
                               "pass --resume FILE or move them away to start afresh")
@@ -217,15 +286,6 @@ def write(data, paths):
         except OutputError as e:
             raise CheckpointError(f"{e}; the earlier checkpoints are intact; free space or fix the path, "
                                   "then --resume auto") from None
-
-
-def remove_stale_temporaries(directory):
-    """Temporary files of a process killed while writing: never a checkpoint, safe to drop."""
-    for tmp in Path(directory).glob(".*.pth.tmp-*"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
 
 
 def epoch_files(directory):

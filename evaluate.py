@@ -305,9 +305,10 @@ def get_args_parser(add_help=True):
     pre = p.add_argument_group("preprocessing (default: the checkpoint's, else the published one of a "
                                "recognised file, else torchvision's 256 / 224 / bilinear / ImageNet "
                                "statistics)")
-    pre.add_argument("--resize", type=cli.positive_int, default=None, help="shorter side before the centre crop")
-    pre.add_argument("--input-size", "--crop", dest="input_size", type=cli.positive_int, default=None,
-                     help="centre crop = network input size (as train.py's --input-size)")
+    pre.add_argument("--resize", "--val-resize-size", dest="resize", type=cli.positive_int, default=None,
+                     help="shorter side before the centre crop (as train.py's --val-resize-size)")
+    pre.add_argument("--input-size", "--crop", "--val-crop-size", dest="input_size", type=cli.positive_int,
+                     default=None, help="centre crop = network input size (as train.py's --val-crop-size)")
     pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
     pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
@@ -476,6 +477,11 @@ def run(args):
                          "--export-pte")
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
+    for flag, path in (("--json", args.json), ("--per-class", args.per_class), ("--predictions", args.predictions),
+                       ("--export-onnx", args.export_onnx), ("--export-torchscript", args.export_torchscript),
+                       ("--export-pte", args.export_pte)):
+        if path is not None:
+            outputs.check_writable(path, flag)  # now, not after the whole scoring pass
     if device.type == "cuda" and not args.amp:
         # Scores in float32 as on the CPU: cuDNN's TF32 default rounds every convolution's inputs to
         # 10-bit mantissas (relative errors near 1e-3), enough to flip a near-tie prediction.
@@ -593,15 +599,16 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
             continue
         kwargs = {"opset": opset, "metadata": metadata} if kind == "onnx" else \
             {"metadata": metadata} if kind == "pte" else {}
-        diff = export(deploy, target, input_size=input_size, reference=model, **kwargs)
+        with outputs.staged(target) as staging:  # only a file that passed its check replaces the target
+            diff = export(deploy, staging, input_size=input_size, reference=model, **kwargs)
+            if diff is not None and not diff <= tolerance:
+                raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
+                                      f"(> {tolerance:g}); not written, do not deploy it")
         report[kind] = {"path": str(target), "max_abs_diff": diff}
         if diff is None:
             log(f"wrote {target} (onnxruntime not installed: the exported graph was not run)")
-            continue
-        log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
-        if not diff <= tolerance:
-            raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
-                                  f"(> {tolerance:g}); do not deploy it")
+        else:
+            log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
     return report
 
 

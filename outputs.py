@@ -1,5 +1,5 @@
-"""Files a run writes, written so that a failure never replaces a good file: atomic writes, and the
-training reports (metrics.csv, the seed's result.txt, curves.png).
+"""Files a run writes, written so that a failure never replaces a good file: atomic writes, the training
+reports (metrics.csv, the seed's result.txt, curves.png), and the output directory a run owns and locks.
 
     outputs.atomic_write(path, data)            # the old file or the complete new one, never a mix
     outputs.write_reports(metrics, save_path)
@@ -7,14 +7,22 @@ training reports (metrics.csv, the seed's result.txt, curves.png).
 Every file goes to a unique temporary name beside its target, is flushed and synced, then renamed over
 the target; the directory is synced so the rename survives a crash.
 """
+import contextlib
 import csv
 import io
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 
-from cli import ScriptError
+from cli import ScriptError, UsageError
+
+try:  # POSIX: advisory locks that the kernel drops when the holder dies
+    import fcntl
+except ImportError:  # elsewhere the output directory is not locked
+    fcntl = None
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
                  "ema_val_top1", "ema_val_top5", "images_per_s", "seconds", "skipped_steps", "failed_images"]
@@ -61,6 +69,26 @@ def fsync_dir(directory):
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged(path):
+    """A temporary path beside `path` for a writer that needs a file name (an exporter): renamed over `path`
+    when the block succeeds, removed when it raises, so a failed or rejected export never replaces a file."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}; nothing was replaced") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_json(path, obj):
@@ -122,3 +150,118 @@ def plot_curves(metrics, path):
     fig.savefig(image, format="png", dpi=90)
     plt.close(fig)
     atomic_write(path, image.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# A run owns its output directory
+
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+# What a training run leaves in its directory; checkpoints are last.pth, best.pth and epoch_N.pth.
+CHECKPOINT_NAME = re.compile(r"^(last|best|epoch_(\d+))\.pth$")
+REPORT_NAMES = ("metrics.csv", "result.txt", "curves.png", RUN_FILE, "tensorboard")
+
+
+class RunDirectory:
+    """The output directory of one training run, locked while the run lives.
+
+    The lock is an advisory `flock` on DIR/.lock, which the kernel drops when the process ends however it
+    ends, so a lock left by a dead process is never in the way. The lock file names the holder (pid and
+    host) so a second run can say who is writing. DIR/run.json records which run the files belong to.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def lock(self):
+        """Create the directory and take its lock, or fail in one line naming the run that holds it.
+        Also the early proof that the directory is writable, before any work is done."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_FILE, "a+")
+        except OSError as e:
+            raise OutputError(f"--save-path {self.path}: cannot write there ({e.strerror or e}); choose a "
+                              "writable folder") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise OutputError(f"--save-path {self.path} is in use by another run ({holder}); wait for it "
+                                  "to end or choose another --save-path") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock = handle
+        return self
+
+    def release(self):
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
+
+    def owner(self):
+        """The run id recorded in run.json, or None (no file, or one that does not parse)."""
+        try:
+            return json.loads((self.path / RUN_FILE).read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def run_files(self):
+        """The files a run left here (checkpoints and reports), sorted by name."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name) or p.name in REPORT_NAMES)
+
+    def checkpoints(self):
+        return [p for p in self.run_files() if CHECKPOINT_NAME.match(p.name)]
+
+    def claim(self, run_id, **info):
+        atomic_write(self.path / RUN_FILE, json.dumps({"run_id": run_id, **info}, indent=2) + "\n")
+
+    def move_aside(self):
+        """Move every file of the earlier run into DIR/previous-<its id>[-k]/; returns that folder."""
+        name = f"previous-{self.owner() or 'run'}"
+        target, k = self.path / name, 1
+        while target.exists():
+            k += 1
+            target = self.path / f"{name}-{k}"
+        target.mkdir()
+        for path in self.run_files():
+            os.replace(path, target / path.name)
+        fsync_dir(self.path)
+        return target
+
+    def remove_stale_temporaries(self):
+        """Temporary files left by a killed writer. Only called under the lock: no live run writes here."""
+        for tmp in self.path.glob(".*.tmp-*"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def check_writable(path, flag):
+    """Before long work: can `path` (a file to write later) be written? Creates its folder; one line if not."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e}); choose another path") from None

@@ -8,10 +8,12 @@ dataset in the exact archive layout from scikit-learn's bundled digits.
 Usage: python read_ImageNetData.py --data-dir /data/imagenet [--check] [--list val] [--class-order devkit]
 """
 import io
+import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -661,6 +663,39 @@ class TrainSampler(Sampler):
         self.set_epoch(state["epoch"], min(state["consumed"] // self.num_replicas, self.num_samples))
 
 
+class RASampler(TrainSampler):
+    """Repeated augmentation (Hoffer et al. 2020; torchvision's RASampler): each epoch's permutation with
+    every index repeated `repetitions` times in a row, dealt to the ranks in turn, so the copies of an image
+    go to different ranks (in one process: into the same batch) and get their own augmentation.
+
+    An epoch takes as many samples per rank as torchvision's: the dataset size rounded down to a multiple
+    of 256 (not rounded below 256 images, where it would leave nothing), split over the ranks, so each
+    epoch shows a 1/repetitions share of the images, `repetitions` times each. The same (seed, epoch)
+    permutation as TrainSampler; resumable mid-epoch the same way (positions r, r + R, ... of one
+    sequence that does not depend on R, so `consumed` carries over to another world size).
+    """
+
+    def __init__(self, n, num_replicas=1, rank=0, seed=0, repetitions=3):
+        super().__init__(n, num_replicas, rank, seed)
+        if repetitions < 1:
+            raise ValueError(f"repetitions must be at least 1, got {repetitions}")
+        self.repetitions = repetitions
+        kept = n // 256 * 256 if n >= 256 else n
+        self.num_samples = kept // num_replicas
+        self.total = math.ceil(n * repetitions / num_replicas) * num_replicas
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repetitions)
+        if self.total > len(order):
+            order = torch.cat([order, order[:self.total - len(order)]])
+        return iter(order[self.rank:self.total:self.num_replicas][:self.num_samples][self.skip:].tolist())
+
+    def state_dict(self):
+        return dict(super().state_dict(), repetitions=self.repetitions)
+
+
 class EvalSampler(Sampler):
     """Indices rank, rank + R, ...: every image exactly once over all ranks (no padding duplicates)."""
 
@@ -676,6 +711,12 @@ class EvalSampler(Sampler):
         return len(range(self.rank, self.n, self.num_replicas))
 
 
+def _ignore_interrupts(worker_id):
+    # Ctrl-C reaches every process of the terminal's group; the main process handles it (it finishes the
+    # step and saves) and then stops its workers, so a worker must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(dataset, batch_size, sampler, num_workers=4, pin_memory=None, persistent_workers=None,
                  drop_last=False):
     """DataLoader of (images uint8 [B,3,H,W], targets, indices, n_failed) int64 tensors.
@@ -689,7 +730,7 @@ def build_loader(dataset, batch_size, sampler, num_workers=4, pin_memory=None, p
         persistent_workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
-                      drop_last=drop_last)
+                      drop_last=drop_last, worker_init_fn=_ignore_interrupts if num_workers else None)
 
 
 def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, interpolation="bilinear"):
@@ -709,6 +750,8 @@ def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, i
 # ----------------------------------------------------------------------------------------------------
 # Demo dataset
 # ----------------------------------------------------------------------------------------------------
+# The demo writer's record in the folders it writes: it writes only into an empty folder or its own.
+DEMO_MARKER = ".demo-dataset.json"
 DEMO_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -755,6 +798,19 @@ def make_demo(root, seed=0, train_per_class=None, val_per_class=None, image_size
 
     root = Path(root)
     image_size = image_size or 32
+    settings = {"seed": seed, "train_per_class": train_per_class, "val_per_class": val_per_class,
+                "image_size": image_size}
+    made = _demo_marker(root)
+    if made is not None and made.get("settings") != settings:
+        raise DataError(f"{root} holds a demo dataset made with other settings ({made.get('settings')}); "
+                        "delete that folder or choose another one")
+    if made is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root} is not empty and was not written by the demo writer: its files are left "
+                        "alone; choose an empty or new folder for the demo dataset")
+    if made is not None and made.get("complete"):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text(json.dumps({"settings": settings, "complete": False}) + "\n")
     digits = load_digits()
     synsets = demo_synsets()
     by_words = {words: (ilsvrc_id, wnid) for ilsvrc_id, wnid, words, _ in synsets}
@@ -785,7 +841,21 @@ def make_demo(root, seed=0, train_per_class=None, val_per_class=None, image_size
         save(digits.images[k], val_dir / f"ILSVRC2012_val_{number:08d}.JPEG")
     (devkit / GROUND_TRUTH_NAME).write_text("".join(f"{ilsvrc_id}\n" for _, ilsvrc_id in val_items))
     write_meta_mat(devkit / "meta.mat", synsets)
+    (root / DEMO_MARKER).write_text(json.dumps({"settings": settings, "complete": True}) + "\n")
     return root
+
+
+def _demo_marker(root):
+    """What the demo writer recorded in root (its settings, whether it finished), or None."""
+    try:
+        made = json.loads((Path(root) / DEMO_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return made if isinstance(made, dict) else None
+
+
+def demo_is_complete(root):
+    return bool((_demo_marker(root) or {}).get("complete"))
 
 
 # ----------------------------------------------------------------------------------------------------

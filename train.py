@@ -20,14 +20,17 @@ import os
 import platform
 import re
 import signal
+import socket
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import augment
 import checkpoint
 import cli
 import distributed
@@ -38,19 +41,24 @@ from checkpoint import CheckpointError, WeightsError
 from cli import UsageError
 from evaluate import evaluate
 from MobileNetV2 import MobileNetV2
-from read_ImageNetData import (IMAGENET_MEAN, IMAGENET_STD, EvalSampler, TrainSampler, TrainTransform,
-                               build_datasets, build_loader, make_demo, normalize)
+from read_ImageNetData import (DEMO_MARKER, IMAGENET_MEAN, IMAGENET_STD, EvalSampler, RASampler, TrainSampler,
+                               TrainTransform, build_datasets, build_loader, demo_is_complete, make_demo,
+                               normalize)
 from weights import load_model
 
 # `--demo`: the settings that reach >= 90% val top-1 on the generated digits data in a few minutes on two
 # CPU cores (measured; see README). They are defaults: a flag given on the command line always wins.
 DEMO_SETTINGS = {
     "data_dir": "output/demo/data", "save_path": "output/demo", "device": "cpu", "input_size": 64,
+    "train_crop_size": None, "val_resize_size": None, "val_crop_size": None,  # all follow input_size
     "width_mult": 0.5, "batch_size": 32, "num_epochs": 15, "lr": 0.05, "lr_schedule": "cosine",
     "warmup_epochs": 1.0, "num_workers": 0, "print_freq": 15, "save_epoch_freq": 5,
     # 32 px digits: a crop of 8% of one is no longer a digit, and a mirrored digit is another symbol.
     "crop_scale_min": 0.35, "hflip": 0.0,
 }
+# With --recipe, the recipe's method wins over these demo settings; the rest of the demo's (its data,
+# sizes, batch, epochs, device) wins over the recipe's, so any recipe runs on the demo in minutes.
+DEMO_METHOD = ("lr", "lr_schedule", "warmup_epochs")
 
 
 class TrainingError(cli.ScriptError, RuntimeError):
@@ -71,7 +79,19 @@ class Preempted(cli.ScriptError):
 
 
 def _presets(args):
-    return DEMO_SETTINGS if args.demo else {}
+    """The defaults the command line selects: the recipe's, then the demo's (see DEMO_METHOD)."""
+    chosen = recipe_defaults(args.recipe)
+    if args.demo:
+        chosen.update({k: v for k, v in DEMO_SETTINGS.items() if args.recipe == "seed" or k not in DEMO_METHOD})
+    return chosen
+
+
+def recipe_defaults(name):
+    """A recipe's flag defaults; its lr is left unset (None) so that check_args scales it to --batch-size."""
+    recipe = optimization.RECIPES[name]
+    if not recipe.scale_lr:
+        return dict(recipe.settings)
+    return {**recipe.settings, "batch_size": recipe.batch_size, "lr": None}
 
 
 def get_args_parser(add_help=True):
@@ -112,12 +132,15 @@ def get_args_parser(add_help=True):
                      help="L2 weight decay (seed, paper)")
     opt.add_argument("--no-decay-norm-bias", action="store_true",
                      help="no weight decay on BatchNorm weights and biases (seed: decayed)")
-    opt.add_argument("--lr-schedule", "--lr-scheduler", dest="lr_schedule", choices=["exponential", "cosine"],
-                     default="exponential",
-                     help="exponential: lr x gamma every epoch (seed); cosine: per-step cosine to --min-lr")
+    opt.add_argument("--lr-schedule", "--lr-scheduler", dest="lr_schedule", type=schedule_name,
+                     choices=optimization.SCHEDULES, default="exponential",
+                     help="exponential: lr x gamma every epoch (seed); step: x gamma every --lr-step-size epochs; "
+                          "cosine: to --min-lr; all per step, after the warm-up (torchvision's steplr, "
+                          "cosineannealinglr, exponentiallr are accepted)")
     opt.add_argument("--lr-gamma", type=cli.positive_float, default=0.98, help="per-epoch lr factor (seed, paper)")
     opt.add_argument("--warmup-epochs", "--lr-warmup-epochs", dest="warmup_epochs", type=cli.non_negative_float,
-                     default=0.0, help="linear lr warm-up from ~0, per step (seed: none)")
+                     default=0.0, help="lr warm-up epochs (fractional allowed), per step; see --lr-warmup-method "
+                                       "(seed: none)")
     opt.add_argument("--min-lr", "--lr-min", dest="min_lr", type=cli.non_negative_float, default=0.0,
                      help="final lr of the cosine schedule")
     opt.add_argument("--label-smoothing", type=cli.fraction, default=0.0, help="label smoothing (seed: none)")
@@ -129,16 +152,19 @@ def get_args_parser(add_help=True):
                      help="dropout before the classifier (seed: none; the paper used 0.2 in TensorFlow)")
     opt.add_argument("--model-ema", action="store_true",
                      help="keep an exponential moving average of the weights, validated each epoch too")
-    opt.add_argument("--model-ema-decay", type=cli.fraction, default=0.9999, help="EMA decay per optimizer step")
+    opt.add_argument("--model-ema-decay", type=cli.fraction, default=0.99998,
+                     help="EMA decay per update (torchvision's default), adjusted as torchvision does unless "
+                          "--no-model-ema-adjust (see --model-ema-steps)")
     opt.add_argument("--max-nonfinite", type=cli.positive_int, default=3,
                      help="stop after this many non-finite losses in a row (each such step is skipped)")
 
     model = p.add_argument_group("model and data")
     model.add_argument("--width-mult", type=cli.positive_float, default=1.0, help="width multiplier (paper: 1.0)")
     model.add_argument("--input-size", type=cli.positive_int, default=224,
-                       help="training/validation crop (paper: 224)")
-    model.add_argument("--resize", type=cli.positive_int, default=None,
-                       help="validation resize before the centre crop (default: input size x 256/224)")
+                       help="training and validation crop where --train-crop-size/--val-crop-size are not "
+                            "given (paper: 224)")
+    model.add_argument("--val-resize-size", "--resize", dest="val_resize_size", type=cli.positive_int, default=None,
+                       help="validation resize before the centre crop (default: the validation crop x 256/224)")
     model.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
                        help="validation resize interpolation (torchvision's reference)")
     model.add_argument("--class-order", choices=["sorted", "devkit"], default="sorted",
@@ -168,23 +194,129 @@ def get_args_parser(add_help=True):
     out.add_argument("--keep-last", type=cli.non_negative_int, default=0,
                      help="keep only the newest k epoch_N.pth files (0: keep all); last/best always stay")
     out.add_argument("--tensorboard", action="store_true", help="also log to <save-path>/tensorboard")
+    out.add_argument("--start-over", action="store_true",
+                     help="--save-path holds another run's files: move them into <save-path>/previous-<run id>/ "
+                          "and start a new run there (without it such a start is refused)")
     out.add_argument("--demo", action="store_true",
                      help="train on a small generated digits dataset on the CPU (built in output/demo/data if "
                           "absent); its settings are defaults: flags given explicitly win")
+    add_recipe_arguments(p)
     return p
+
+
+def add_recipe_arguments(p):
+    """--recipe and the parts of the published recipes, named as in torchvision's reference script."""
+    names = "; ".join(f"{name}: {r.summary()}" for name, r in optimization.RECIPES.items()).replace("%", "%%")
+    rec = p.add_argument_group("recipes and their parts (flags of torchvision's references/classification/train.py)")
+    rec.add_argument("--recipe", choices=list(optimization.RECIPES), default="seed",
+                     help="a published recipe as defaults (explicit flags win; with --demo, the demo's data, "
+                          "sizes, batch and epochs win). Its lr scales linearly with --batch-size unless --lr "
+                          f"is given (the seed's stays 0.045). {names}")
+    rec.add_argument("--opt", choices=optimization.OPTIMIZERS, default="sgd",
+                     help="sgd (seed), sgd-nesterov, rmsproptf (TensorFlow's RMSProp, the paper's), rmsprop "
+                          "(torch's), adamw; momentum is --momentum, RMSProp's decay 0.9")
+    rec.add_argument("--opt-eps", type=cli.positive_float, default=None,
+                     help="optimizer epsilon (default: rmsproptf 1e-3, rmsprop 0.0316, adamw 1e-8)")
+    rec.add_argument("--norm-weight-decay", type=cli.non_negative_float, default=None,
+                     help="weight decay of BatchNorm weights and biases (default: --weight-decay)")
+    rec.add_argument("--bias-weight-decay", type=cli.non_negative_float, default=None,
+                     help="weight decay of biases (default: --weight-decay)")
+    rec.add_argument("--lr-step-size", type=cli.positive_float, default=1.0,
+                     help="epochs between the step schedule's decays (fractional allowed, e.g. 2.4)")
+    rec.add_argument("--lr-warmup-method", choices=optimization.WARMUP_METHODS, default="linear",
+                     help="linear: from --lr-warmup-decay x lr up to lr; constant: --lr-warmup-decay x lr")
+    rec.add_argument("--lr-warmup-decay", type=cli.unit_interval, default=0.0,
+                     help="lr factor at the start of the warm-up (torchvision's default is 0.01; 0 keeps the "
+                          "seed's ramp from the first step)")
+    rec.add_argument("--clip-grad-norm", type=cli.positive_float, default=None,
+                     help="clip the gradients' global L2 norm to this (default: no clipping)")
+    rec.add_argument("--accum-steps", type=cli.positive_int, default=1,
+                     help="split each process's share of --batch-size (the global batch) into this many "
+                          "forward/backward passes before one optimizer step: a published batch on fewer GPUs")
+    rec.add_argument("--drop-path", type=cli.fraction, default=0.0,
+                     help="stochastic depth of the residual blocks, rising linearly to this (default: none)")
+    rec.add_argument("--auto-augment", type=policy_name, default=None,
+                     help="after the crop: ta_wide, ra, imagenet (AutoAugment), augmix, or a timm policy string "
+                          "like rand-m9-mstd0.5 (default: none)")
+    rec.add_argument("--ra-magnitude", type=cli.non_negative_int, default=9, help="RandAugment's magnitude bin (of 31)")
+    rec.add_argument("--augmix-severity", type=cli.positive_int, default=3, help="AugMix's severity (1..10)")
+    rec.add_argument("--random-erase", type=cli.unit_interval, default=0.0,
+                     help="probability of random erasing, after the policy (default: 0)")
+    rec.add_argument("--mixup-alpha", type=cli.non_negative_float, default=0.0, help="mixup's Beta alpha (0: off)")
+    rec.add_argument("--cutmix-alpha", type=cli.non_negative_float, default=0.0,
+                     help="cutmix's Beta alpha (0: off); with both, each batch gets one of the two at random")
+    rec.add_argument("--ra-sampler", action="store_true", help="repeated augmentation (torchvision's RASampler)")
+    rec.add_argument("--ra-reps", type=cli.positive_int, default=3, help="repetitions of each image with --ra-sampler")
+    rec.add_argument("--train-crop-size", type=cli.positive_int, default=None,
+                     help="random-resized crop size for training (default: --input-size)")
+    rec.add_argument("--val-crop-size", type=cli.positive_int, default=None,
+                     help="centre crop size for validation (default: --input-size)")
+    rec.add_argument("--model-ema-steps", type=cli.positive_int, default=32,
+                     help="optimizer steps between EMA updates (torchvision's default)")
+    rec.add_argument("--model-ema-adjust", action=argparse.BooleanOptionalAction, default=True,
+                     help="torchvision's adjustment of the EMA decay: 1 - decay scaled by global batch x "
+                          "--model-ema-steps / epochs; --no-model-ema-adjust uses --model-ema-decay as it is")
+
+
+def schedule_name(text):
+    """--lr-scheduler: this repo's names, or torchvision's."""
+    return {"steplr": "step", "cosineannealinglr": "cosine", "exponentiallr": "exponential"}.get(text, text)
+
+
+def policy_name(text):
+    """--auto-augment: a policy build_policy knows; a timm string is checked in full."""
+    try:
+        augment.build_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def check_recipe_args(args):
+    """The recipe's lr at this batch, the crop sizes, and the checks of the recipe flags (in place)."""
+    recipe = optimization.RECIPES[args.recipe]
+    args.lr_from_recipe = args.lr is None
+    if args.lr is None:
+        args.lr = recipe.lr_for(args.batch_size)
+    args.train_crop_size = args.train_crop_size or args.input_size
+    args.val_crop_size = args.val_crop_size or args.input_size
+    if args.val_resize_size is None:
+        args.val_resize_size = int(round(args.val_crop_size * 256 / 224))
+    if args.val_resize_size < args.val_crop_size:
+        raise UsageError(f"--val-resize-size {args.val_resize_size} is smaller than the validation crop "
+                         f"{args.val_crop_size} (--val-crop-size, else --input-size)")
+    for flag, size in (("--train-crop-size", args.train_crop_size), ("--val-crop-size", args.val_crop_size)):
+        if size < 32:
+            raise UsageError(f"{flag} (or --input-size) {size} is below MobileNetV2's 32 px minimum")
+    if args.ra_magnitude > 30:
+        raise UsageError(f"--ra-magnitude {args.ra_magnitude}: RandAugment's bins are 0..30")
+    if args.augmix_severity > 10:
+        raise UsageError(f"--augmix-severity {args.augmix_severity}: AugMix's severity is 1..10")
+    if args.batch_size % args.accum_steps:
+        raise UsageError(f"--batch-size {args.batch_size} does not split into --accum-steps {args.accum_steps}")
+
+
+def recipe_lines(args):
+    """What the run's first lines say about its recipe and where its lr comes from (nothing for the seed's
+    recipe, the plain defaults, whose output stays as it was)."""
+    recipe = optimization.RECIPES[args.recipe]
+    if args.recipe == "seed":
+        return []
+    lines = [f"recipe {args.recipe}: {recipe.summary()}" + (f" ({recipe.note})" if recipe.note else "")]
+    if args.lr_from_recipe and args.batch_size != recipe.batch_size:
+        lines.append(f"lr {args.lr:g}: the recipe's {recipe.lr:g} at global batch {recipe.batch_size}, scaled "
+                     f"linearly to --batch-size {args.batch_size} (--lr sets it)")
+    elif not args.lr_from_recipe:
+        lines.append(f"lr {args.lr:g} as given (the recipe's is {recipe.lr:g} at global batch {recipe.batch_size})")
+    return lines
 
 
 def check_args(args):
     """Derived defaults and the checks argparse cannot do; a copy of `args`, which stays untouched."""
     args = argparse.Namespace(**vars(args))
-    if args.resize is None:
-        args.resize = int(round(args.input_size * 256 / 224))
-    if args.resize < args.input_size:
-        raise UsageError(f"--resize {args.resize} is smaller than --input-size {args.input_size}")
+    check_recipe_args(args)
     if args.crop_scale_min > 1:
         raise UsageError(f"--crop-scale-min {args.crop_scale_min} is above 1 (the whole image)")
-    if args.input_size < 32:
-        raise UsageError(f"--input-size {args.input_size} is below MobileNetV2's 32 px minimum")
     if args.sync_bn and args.device == "cpu":
         raise UsageError("--sync-bn needs CUDA; BatchNorm on the CPU is per process")
     if args.gpus:
@@ -282,35 +414,45 @@ def amp_dtype_for(amp, device):
 class Data:
     train_loader: object
     val_loader: object
-    sampler: TrainSampler
+    sampler: TrainSampler       # or its subclass RASampler
     classes: object
     train_images: int
     val_images: int
-    batch_per_rank: int
+    batch_per_rank: int         # samples per rank per optimizer step (the loader's batches: / accum_steps)
     steps_per_epoch: int
     preprocessing: dict
 
 
-def build_data(data_dir, class_order, num_classes, input_size, resize, interpolation, crop_scale_min, hflip,
-               batch_size, num_workers, seed, context, log):
-    """Datasets, samplers and loaders for this rank; labels as `read_ImageNetData` assigns them."""
-    if batch_size % context.world_size:
-        raise UsageError(f"--batch-size {batch_size} does not split evenly over {context.world_size} processes")
+def build_data(data_dir, class_order, num_classes, train_crop_size, val_crop_size, val_resize_size, interpolation,
+               crop_scale_min, hflip, batch_size, num_workers, seed, context, log, after_crop=None, ra_reps=0,
+               accum_steps=1):
+    """Datasets, samplers and loaders for this rank; labels as `read_ImageNetData` assigns them.
+    `after_crop` (augment.after_crop) runs after the crop in the loader processes; `ra_reps` > 0 samples
+    with repeated augmentation; each optimizer step takes `accum_steps` loader batches."""
+    if batch_size % (context.world_size * accum_steps):
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over {context.world_size} processes "
+                         f"x --accum-steps {accum_steps}")
     per_rank = batch_size // context.world_size
-    train_set, val_set, classes, _ = build_datasets(data_dir, class_order, input_size, resize, interpolation)
+    train_set, val_set, classes, _ = build_datasets(data_dir, class_order, val_crop_size, val_resize_size,
+                                                    interpolation)
     if train_set is None or len(train_set) == 0:
         raise UsageError(f"--data-dir {data_dir}: no training images found")
-    if (crop_scale_min, hflip) != (0.08, 0.5):
-        train_set.transform = TrainTransform(input_size, scale=(crop_scale_min, 1.0), hflip=hflip,
-                                             interpolation=interpolation)
+    train_set.transform = TrainTransform(train_crop_size, scale=(crop_scale_min, 1.0), hflip=hflip,
+                                         interpolation=interpolation)
+    if after_crop is not None:
+        train_set.transform = augment.Chain(train_set.transform, after_crop)
     if len(classes.wnids) != num_classes:
         raise UsageError(f"--num-classes {num_classes}, but {data_dir} has {len(classes.wnids)} classes")
-    sampler = TrainSampler(len(train_set), num_replicas=context.world_size, rank=context.rank, seed=seed)
+    if ra_reps:
+        sampler = RASampler(len(train_set), num_replicas=context.world_size, rank=context.rank, seed=seed,
+                            repetitions=ra_reps)
+    else:
+        sampler = TrainSampler(len(train_set), num_replicas=context.world_size, rank=context.rank, seed=seed)
     pin = context.device.type == "cuda"
     # Workers are not persistent: each epoch's iterator draws its worker seeds from that epoch's stream.
-    train_loader = build_loader(train_set, per_rank, sampler, num_workers=num_workers, pin_memory=pin,
-                                persistent_workers=False, drop_last=True)
-    steps_per_epoch = math.ceil(len(train_set) / context.world_size) // per_rank
+    train_loader = build_loader(train_set, per_rank // accum_steps, sampler, num_workers=num_workers,
+                                pin_memory=pin, persistent_workers=False, drop_last=True)
+    steps_per_epoch = sampler.num_samples // per_rank
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {batch_size}: larger than the {len(train_set)} training images")
     val_loader = None
@@ -320,8 +462,8 @@ def build_data(data_dir, class_order, num_classes, input_size, resize, interpola
                                   drop_last=False)
     else:
         log(f"warning: no validation images in {data_dir}; best.pth follows nothing, only last.pth is kept")
-    preprocessing = {"input_size": input_size, "resize": resize, "interpolation": interpolation,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    preprocessing = {"input_size": val_crop_size, "resize": val_resize_size, "interpolation": interpolation,
+                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "train_crop_size": train_crop_size}
     return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
                 per_rank, steps_per_epoch, preprocessing)
 
@@ -398,7 +540,6 @@ def restore(model, path, data, start_epoch, num_classes, width_mult, batch_size,
         load_state_checked(model, weights.state_dict(), path)
         log(f"resuming weights from {path} at epoch {start_epoch or 0} (optimizer state starts afresh)")
         return Start(epoch=start_epoch or 0, metrics=[], path=path)
-    check_config(data, num_classes, width_mult, path)
     load_state_checked(model, data["model"], path)
     start = Start(int(data["epoch"]), int(data["step"]), float(data.get("best_acc1", -1.0)),
                   list(data.get("metrics") or []), data, path)
@@ -424,6 +565,63 @@ def restore(model, path, data, start_epoch, num_classes, width_mult, batch_size,
     return start
 
 
+def own_output_directory(run_dir, resume_path, resumed, start_over, context, log):
+    """Lock --save-path for this run (rank 0) and make sure it holds no other run's files; the run id.
+
+    A run continues in its own directory (`--resume auto`, or a checkpoint of the run recorded there);
+    a new run is refused where another run's checkpoints are, unless `start_over` moves them aside first.
+    """
+    run_id = None
+    if context.is_main:
+        run_dir.lock()
+        run_dir.remove_stale_temporaries()
+        owner = run_dir.owner()
+        resumed_id = resumed.get("run_id") if checkpoint.is_checkpoint(resumed) else None
+        own = resume_path is not None and checkpoint.is_checkpoint(resumed) and (
+            (owner is not None and resumed_id == owner)
+            or (owner is None and Path(resume_path).resolve().parent == run_dir.path.resolve()))
+        present = run_dir.checkpoints()
+        if present and not own:
+            if not start_over:
+                who = f"run {owner}" if owner else "an earlier run"
+                raise UsageError(f"--save-path {run_dir.path} holds the checkpoints of {who} ({present[0].name}, ...);"
+                                 " continue it with --resume auto, choose another --save-path, or add --start-over "
+                                 "to move its files aside")
+            log(f"--save-path {run_dir.path}: moved the earlier run's files to {run_dir.move_aside()}")
+        # A resumed checkpoint continues its run, wherever it was read from; anything else is a new run.
+        run_id = resumed_id or uuid.uuid4().hex[:12]
+        if run_dir.owner() != run_id:
+            run_dir.claim(run_id, started=time.strftime("%Y-%m-%d %H:%M:%S"), host=socket.gethostname(),
+                          pid=os.getpid())
+    return distributed.broadcast_object(run_id, context)
+
+
+def check_compatible(path, saved, data, num_classes, width_mult, model_ema, log):
+    """Refuse a resume that would change what the checkpoint's numbers mean: another model, other classes or
+    class order, other preprocessing, or its EMA dropped. Weights alone carry none of this and are not checked."""
+    if not checkpoint.is_checkpoint(saved):
+        return
+    check_config(saved, num_classes, width_mult, path)
+    classes = saved.get("classes") or {}
+    if classes.get("wnids") is not None and list(classes["wnids"]) != list(data.classes.wnids):
+        first = next((i for i, (a, b) in enumerate(zip(classes["wnids"], data.classes.wnids)) if a != b),
+                     min(len(classes["wnids"]), len(data.classes.wnids)))
+        raise UsageError(f"{path} was trained with {classes.get('order')} class order, in which class {first} is "
+                         f"{(list(classes['wnids']) + ['(none)'])[first]}; here it is "
+                         f"{(list(data.classes.wnids) + ['(none)'])[first]}: pass --class-order "
+                         f"{classes.get('order')} and the same data")
+    before = saved.get("data") or {}
+    for key, flag in (("input_size", "--input-size"), ("resize", "--resize"), ("interpolation", "--interpolation")):
+        if key in before and before[key] != data.preprocessing[key]:
+            raise UsageError(f"{path} was trained with {flag} {before[key]}, not {data.preprocessing[key]}: pass "
+                             f"{flag} {before[key]} to continue it (or fine-tune from it in a new --save-path)")
+    if saved.get("model_ema") is not None and not model_ema:
+        raise UsageError(f"{path} carries EMA weights: add --model-ema to continue them (without it they would "
+                         "be dropped from every later checkpoint)")
+    if saved.get("model_ema") is None and model_ema:
+        log(f"note: {path} has no EMA weights; the EMA starts from the resumed weights")
+
+
 @dataclass
 class Learner:
     """Everything one optimisation step uses."""
@@ -438,6 +636,9 @@ class Learner:
     channels_last: bool = True
     ema: optimization.ModelEma = None
     max_nonfinite: int = 3
+    accum_steps: int = 1        # loader batches (forward/backward passes) per optimizer step
+    clip_grad_norm: float = None
+    mix: augment.MixupCutmix = None
 
 
 def build_learner(model, args, start, context, log):
@@ -447,7 +648,13 @@ def build_learner(model, args, start, context, log):
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if device.type == "cpu" and args.channels_last and args.fused_bn:
         use_fused_batchnorm(model, log)
-    ema = optimization.ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    ema = None
+    if args.model_ema:
+        decay = optimization.ema_decay(args.model_ema_decay, args.model_ema_steps, args.batch_size, args.num_epochs,
+                                       args.model_ema_adjust)
+        ema = optimization.ModelEma(model, decay, every=args.model_ema_steps, warmup_epochs=args.warmup_epochs)
+        log(f"EMA of the weights: decay {decay:.6f} every {args.model_ema_steps} steps"
+            + (f" (--model-ema-decay {args.model_ema_decay:g} adjusted as torchvision's)" if args.model_ema_adjust else ""))
     ckpt = start.ckpt
     if ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:
         load_state_checked(ema.module, ckpt["model_ema"], start.path)
@@ -459,21 +666,28 @@ def build_learner(model, args, start, context, log):
     if args.compile:
         model = torch.compile(model)
     optimizer = optimization.build_optimizer(raw, args.lr, args.momentum, args.weight_decay,
-                                             not args.no_decay_norm_bias)
+                                             not args.no_decay_norm_bias, opt=args.opt, eps=args.opt_eps,
+                                             norm_weight_decay=args.norm_weight_decay,
+                                             bias_weight_decay=args.bias_weight_decay)
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UsageError(f"{start.path}: optimizer state does not fit ({e}); keep --no-decay-norm-bias "
-                             "as in the original run") from None
+            raise UsageError(f"{start.path}: optimizer state does not fit ({e}); keep --opt, "
+                             "--no-decay-norm-bias and --norm/--bias-weight-decay as in the original run") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     schedule = optimization.LRSchedule(args.lr, args.num_epochs, args.lr_schedule, args.lr_gamma,
-                                       args.warmup_epochs, args.min_lr)
+                                       args.warmup_epochs, args.min_lr, args.lr_step_size, args.lr_warmup_method,
+                                       args.lr_warmup_decay)
+    mix = None
+    if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
+        mix = augment.MixupCutmix(args.mixup_alpha, args.cutmix_alpha, args.num_classes)
     return Learner(model, raw, optimization.build_criterion(args.label_smoothing), optimizer, schedule, device,
-                   scaler, amp_dtype, args.channels_last, ema, args.max_nonfinite)
+                   scaler, amp_dtype, args.channels_last, ema, args.max_nonfinite, args.accum_steps,
+                   args.clip_grad_norm, mix)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,20 +713,41 @@ class EpochMeter:
         return 100.0 * self.correct / self.count if self.count else float("nan")
 
 
-class StopFlag:
-    """SIGTERM/SIGUSR1 (cluster preemption) ask the loop to finish the current step, save and exit;
-    a second signal exits at once."""
+class Interrupted(cli.ScriptError):
+    """A second stop signal: the run ends at once, without saving (exit code 128 + the signal number)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    def __init__(self, signum, saving):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped at once by a second {name}" + (
+            f" while writing {saving}: that write was abandoned and its temporary file removed; the previous "
+            "checkpoints are intact" if saving else "; the last checkpoint written is kept") + ", continue with "
+            "--resume auto")
+        self.exit_code = 128 + signum
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) ask the loop to finish the current step, save
+    and exit; a second signal ends the run at once (an interrupted checkpoint write leaves the old file)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signum = None
+        self.writing = None  # the checkpoint being written, for the message of a second signal
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise SystemExit(128 + signum)
+            raise Interrupted(signum, self.writing)
         self.signum = signum
+
+    @contextlib.contextmanager
+    def saving(self, path):
+        self.writing = path
+        try:
+            yield
+        finally:
+            self.writing = None
 
     def __enter__(self):
         for s in self.SIGNALS:
@@ -568,10 +803,24 @@ def _loader_died(batches):
     return any(not worker.is_alive() for worker in getattr(batches, "_workers", None) or [])
 
 
+def _step_batches(batches, accum_steps):
+    """Lists of `accum_steps` consecutive loader batches, one list per optimizer step; a short list left at
+    the end of the epoch is dropped (as drop_last drops a short batch)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
+
+
 def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_step=0, meter=None, stop=None,
                     progress=None, on_step=None, log=print):
-    """Train over `loader` (which already skips the first `start_step` batches of the epoch).
+    """Train over `loader` (which already skips the first `start_step` steps' batches of the epoch).
 
+    Each optimizer step takes `learner.accum_steps` loader batches (gradients summed, each pass's loss
+    divided by their number; DDP synchronises on the last pass only), then clips the gradients
+    (`clip_grad_norm`) and steps. Mixup/cutmix (`learner.mix`) mix each pass's batch on the device.
     Returns (meter, steps done in this epoch, stopped): stopped is True when a preemption signal asked
     to stop, in which case the last step was completed. A non-finite loss on any rank skips the step on
     every rank (gradients dropped, BatchNorm statistics restored); `max_nonfinite` in a row raise.
@@ -589,30 +838,43 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
     last = time.perf_counter()  # step times include waiting for data: images/s is the real throughput
     batches = iter(loader)
     try:
-        for images, targets, indices, failed in batches:
+        for group in _step_batches(batches, learner.accum_steps):
             lr = learner.schedule(epoch, step, steps_per_epoch)
             optimization.set_lr(optimizer, lr)
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            x = normalize(images, channels_last=learner.channels_last)
-            if x.dtype != input_dtype:
-                x = x.to(input_dtype)
             saved_buffers = [b.clone() for b in buffers]
-
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(x)
-                loss = learner.criterion(logits, targets)
-            with distributed.collective() if context.distributed else contextlib.nullcontext():  # DDP syncs here
-                (learner.scaler.scale(loss) if learner.scaler is not None else loss).backward()
+            local = torch.zeros(4, dtype=torch.float64, device=device)  # loss x n, correct, n, non-finite
+            n_failed, indices = 0, []
+            for k, (images, targets, batch_indices, failed) in enumerate(group):
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                x = normalize(images, channels_last=learner.channels_last)
+                if x.dtype != input_dtype:
+                    x = x.to(input_dtype)
+                target = targets
+                if learner.mix is not None:
+                    x, target = learner.mix(x, targets)
+                syncs = k == len(group) - 1 or not context.distributed
+                with contextlib.nullcontext() if syncs else model.no_sync():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        logits = model(x)
+                        if target.is_floating_point() and amp_dtype is None:
+                            target = target.to(logits.dtype)
+                        loss = learner.criterion(logits, target)
+                    scaled = loss / len(group) if len(group) > 1 else loss
+                    with distributed.collective() if context.distributed else contextlib.nullcontext():  # DDP syncs here
+                        (learner.scaler.scale(scaled) if learner.scaler is not None else scaled).backward()
+                n = targets.numel()
+                local += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == targets).sum().double(),
+                                      torch.tensor(float(n), dtype=torch.float64, device=device),
+                                      (~torch.isfinite(loss.detach())).double()])
+                n_failed += int(failed.sum())
+                indices.append(batch_indices)
+            indices = torch.cat(indices) if len(indices) > 1 else indices[0]
 
             # One small all-reduce per step carries the statistics, the non-finite check and the stop vote,
             # so every rank takes the same decision at the same step.
-            n = targets.numel()
-            stats = torch.stack([loss.detach().float() * n, (logits.detach().argmax(1) == targets).sum().float(),
-                                 torch.tensor(float(n), device=device),
-                                 (~torch.isfinite(loss.detach())).float(),
-                                 torch.tensor(float(stop is not None and stop.signum is not None), device=device),
-                                 failed.sum().float().to(device)]).double()
+            stats = torch.cat([local, torch.tensor([float(stop is not None and stop.signum is not None),
+                                                    float(n_failed)], dtype=torch.float64, device=device)])
             totals = distributed.all_reduce_sum(stats, context).tolist()
             loss_sum, correct, count, nonfinite, stop_votes, n_failed = totals
 
@@ -631,6 +893,10 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
                                         "kept; lower --lr or check the data")
             else:
                 bad_in_a_row = 0
+                if learner.clip_grad_norm is not None:
+                    if learner.scaler is not None:
+                        learner.scaler.unscale_(optimizer)
+                    optimization.clip_gradients(learner.raw, learner.clip_grad_norm)
                 if learner.scaler is not None:
                     learner.scaler.step(optimizer)
                     learner.scaler.update()
@@ -638,7 +904,7 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if learner.ema is not None:
-                    learner.ema.update(learner.raw)
+                    learner.ema.after_step(learner.raw, epoch, step)
                 meter.loss_sum += loss_sum
                 meter.correct += correct
                 meter.count += count
@@ -685,7 +951,7 @@ def validate(learner, val_loader, show_progress):
     return out
 
 
-def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, world_size, args, partial=None):
+def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, run_id, world_size, args, partial=None):
     """The training checkpoint of this moment (see checkpoint.KEYS)."""
     classes = data.classes
     return checkpoint.make(
@@ -697,7 +963,7 @@ def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, world_s
         optimizer=learner.optimizer.state_dict(),
         scaler=learner.scaler.state_dict() if learner.scaler is not None else None,
         best_acc1=best_acc1, rng=checkpoint.capture_rng(), sampler=data.sampler.state_dict(), metrics=metrics,
-        partial=partial, world_size=world_size, args=plain_args(args))
+        partial=partial, world_size=world_size, args=plain_args(args), run_id=run_id)
 
 
 def save_epoch(ckpt, save_path, epoch, is_last_epoch, save_epoch_freq, is_best, keep_last, metrics, log):
@@ -741,23 +1007,31 @@ def run(args, on_step=None):
     device_type = distributed.resolve_device_type(args.device)
     context = distributed.setup(device_type, args.dist_timeout)
     try:
-        with StopFlag() as stop:
-            return train(args, context, stop, on_step)
+        with StopFlag() as stop, outputs.RunDirectory(args.save_path) as run_dir:
+            return train(args, context, stop, run_dir, on_step)
     finally:
         distributed.cleanup()
 
 
-def train(args, context, stop, on_step=None):
+def train(args, context, stop, run_dir, on_step=None):
     log = cli.logger(context.is_main)
     save_path = Path(args.save_path)
     set_up_device(context.device)
-    data = build_data(args.data_dir, args.class_order, args.num_classes, args.input_size, args.resize,
-                      args.interpolation, args.crop_scale_min, args.hflip, args.batch_size, args.num_workers,
-                      args.seed, context, log)
+    for line in recipe_lines(args):
+        log(line)
+    path, saved = find_resume(args.resume, save_path, context, log)
+    run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
+    data = build_data(args.data_dir, args.class_order, args.num_classes, args.train_crop_size, args.val_crop_size,
+                      args.val_resize_size, args.interpolation, args.crop_scale_min, args.hflip, args.batch_size,
+                      args.num_workers, args.seed, context, log,
+                      augment.after_crop(args.auto_augment, args.random_erase, args.interpolation, args.ra_magnitude,
+                                         args.augmix_severity),
+                      args.ra_reps if args.ra_sampler else 0, args.accum_steps)
 
     checkpoint.seed_everything(args.seed)
-    model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult, dropout=args.dropout)
-    path, saved = find_resume(args.resume, save_path, context, log)
+    model = MobileNetV2(num_classes=args.num_classes, width_mult=args.width_mult, dropout=args.dropout,
+                        drop_path=args.drop_path)
+    check_compatible(path, saved, data, args.num_classes, args.width_mult, args.model_ema, log)
     start = restore(model, path, saved, args.start_epoch, args.num_classes, args.width_mult, args.batch_size,
                     data.train_images, context, log)
     del saved
@@ -765,10 +1039,12 @@ def train(args, context, stop, on_step=None):
         log(f"nothing to do: {start.epoch} epochs done, --num-epochs {args.num_epochs}")
         return 0
     learner = build_learner(model, args, start, context, log)
-    tensorboard = open_outputs(save_path, args.tensorboard) if context.is_main else None
-    log(f"MobileNetV2 width {args.width_mult:g}, {args.num_classes} classes, {args.input_size} px | "
+    tensorboard = open_tensorboard(save_path) if context.is_main and args.tensorboard else None
+    log(f"MobileNetV2 width {args.width_mult:g}, {args.num_classes} classes, {args.train_crop_size} px train, "
+        f"{args.val_resize_size}/{args.val_crop_size} px val | "
         f"{data.train_images} train / {data.val_images} val images | {context.world_size} process(es) on "
-        f"{context.device.type}: global batch {args.batch_size} = {context.world_size} x {data.batch_per_rank}, "
+        f"{context.device.type}: global batch {args.batch_size} = {context.world_size} x {data.batch_per_rank}"
+        + (f" in {args.accum_steps} passes" if args.accum_steps > 1 else "") + ", "
         f"{data.steps_per_epoch} steps/epoch | amp "
         f"{str(learner.amp_dtype).replace('torch.', '') if learner.amp_dtype else 'off'}, "
         f"channels_last {args.channels_last}, compile {args.compile}")
@@ -786,8 +1062,9 @@ def train(args, context, stop, on_step=None):
             progress.close()
         if stopped:
             if context.is_main:
-                checkpoint.write(snapshot(learner, data, epoch, step, best_acc1, metrics, context.world_size, args,
-                                          asdict(meter)), [save_path / "last.pth"])
+                with stop.saving(save_path / "last.pth"):
+                    checkpoint.write(snapshot(learner, data, epoch, step, best_acc1, metrics, run_id,
+                                              context.world_size, args, asdict(meter)), [save_path / "last.pth"])
             distributed.barrier(context)
             raise Preempted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch + 1} "
                                          f"step {step}/{data.steps_per_epoch}; saved {save_path / 'last.pth'}, "
@@ -802,9 +1079,10 @@ def train(args, context, stop, on_step=None):
             best_acc1 = record["val_top1"]
         log(epoch_line(record, args.num_epochs))
         if context.is_main:
-            save_epoch(snapshot(learner, data, epoch + 1, 0, best_acc1, metrics, context.world_size, args),
-                       save_path, epoch + 1, epoch + 1 == args.num_epochs, args.save_epoch_freq, is_best,
-                       args.keep_last, metrics, log)
+            with stop.saving(f"the epoch {epoch + 1} checkpoint"):
+                save_epoch(snapshot(learner, data, epoch + 1, 0, best_acc1, metrics, run_id, context.world_size, args),
+                           save_path, epoch + 1, epoch + 1 == args.num_epochs, args.save_epoch_freq, is_best,
+                           args.keep_last, metrics, log)
             log_tensorboard(tensorboard, record)
         stop_if_asked(stop, epoch, context)
 
@@ -814,12 +1092,7 @@ def train(args, context, stop, on_step=None):
     return 0
 
 
-def open_outputs(save_path, tensorboard):
-    """Create the output directory (rank 0); a TensorBoard writer when asked for."""
-    save_path.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_temporaries(save_path)
-    if not tensorboard:
-        return None
+def open_tensorboard(save_path):
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(save_path / "tensorboard")
 
@@ -864,10 +1137,10 @@ def stop_if_asked(stop, epoch, context):
 
 def ensure_demo_data(data_dir, seed, log=print):
     root = Path(data_dir)
-    if not (root / "ILSVRC2012_img_train").is_dir():
-        log(f"building the demo dataset in {root} ...")
-        make_demo(root, seed=seed)
-    return root
+    if demo_is_complete(root) or ((root / "ILSVRC2012_img_train").is_dir() and not (root / DEMO_MARKER).exists()):
+        return root  # built before, or the user's own data given with --data-dir
+    log(f"building the demo dataset in {root} ...")
+    return make_demo(root, seed=seed)
 
 
 def _guarded(args, on_step=None):

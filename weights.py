@@ -236,6 +236,8 @@ def to_torchvision_keys(state_dict):
         if unknown:
             raise WeightsError(f"keys that do not fit the {name} MobileNetV2 layout: {_some(unknown)}")
         return out, name
+    if not any(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise WeightsError("holds no weight tensors; use a MobileNetV2 weight file")
     raise WeightsError(f"not a MobileNetV2 weight layout this repo knows ({', '.join(LAYOUTS)}); "
                        f"first keys: {_some(list(state_dict))}")
 
@@ -285,7 +287,7 @@ def load_model(source, num_classes=None, width_mult=None, dropout=0.0, use_ema=F
     The layout, width and number of classes come from the file; `num_classes`/`width_mult`, when given,
     must agree with it. Returns the model on the CPU in eval mode.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "weights"
+    name = str(source) if isinstance(source, (str, Path)) else None
     data = checkpoint.read_weights(source) if isinstance(source, (str, Path)) else source
     try:
         state, config = _model_state(data, use_ema)
@@ -306,7 +308,7 @@ def load_model(source, num_classes=None, width_mult=None, dropout=0.0, use_ema=F
                                    "drop --width-mult or pass the matching one") from None
             raise
     except WeightsError as e:
-        raise WeightsError(f"{name}: {e}") from None
+        raise WeightsError(f"{name}: {e}" if name else str(e)) from None
     return model.eval()
 
 

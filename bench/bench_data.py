@@ -3,7 +3,10 @@ ImageFolder with the standard transforms, side by side in one process, one threa
 
 Ours hands uint8 batches to the device, where normalize() runs; the reference builds float batches
 with ToTensor + Normalize on the CPU (what a standard ImageNet script does). The eval pipeline is also
-checked to give exactly torchvision's pixels on every image measured.
+checked to give exactly torchvision's pixels on every image measured. A third pair is the training
+pipeline of the torchvision-v2 recipe (176 px crop, TrivialAugmentWide, random erasing 0.1): ours
+(augment.py after our crop) against torchvision's v2 transforms on PIL images, as its reference script
+runs them (RandomResizedCrop, flip, TrivialAugmentWide, PILToTensor, ToDtype, Normalize, RandomErasing).
 
 Usage: python bench/bench_data.py --images ../shared/imagenet_samples [--repeats 5] [--json out.json]
 """
@@ -23,7 +26,10 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import augment  # noqa: E402
 import read_ImageNetData as data  # noqa: E402
+
+RECIPE_CROP, RECIPE_ERASE = 176, 0.1  # torchvision-v2's train crop and random-erasing probability
 
 
 def make_jpegs(out_dir, n=64, seed=0):
@@ -43,7 +49,7 @@ def make_jpegs(out_dir, n=64, seed=0):
 
 
 def _paths(images, limit):
-    paths = sorted(p for p in Path(images).iterdir() if data._is_image(p.name))
+    paths = sorted(p for p in Path(images).iterdir() if data.is_image(p.name))
     if not paths:
         raise SystemExit(f"error: no images in {images}")
     return paths[:limit] if limit else paths
@@ -58,17 +64,25 @@ def _reference_loaders(paths, tmp, input_size, resize, batch_size):
     norm = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
     train = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val = T.Compose([T.Resize(resize), T.CenterCrop(input_size), T.ToTensor(), norm])
+    import torchvision.transforms.v2 as v2
+    bilinear = T.InterpolationMode.BILINEAR
+    recipe = v2.Compose([v2.RandomResizedCrop(RECIPE_CROP, interpolation=bilinear, antialias=True),
+                         v2.RandomHorizontalFlip(), v2.TrivialAugmentWide(interpolation=bilinear), v2.PILToTensor(),
+                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+                         v2.RandomErasing(RECIPE_ERASE)])
     return {split: torch.utils.data.DataLoader(ImageFolder(folder.parent, transform=tf), batch_size=batch_size,
                                                shuffle=False, num_workers=0)
-            for split, tf in (("train", train), ("eval", val))}
+            for split, tf in (("train", train), ("eval", val), ("recipe", recipe))}
 
 
 def _our_loaders(paths, input_size, resize, batch_size):
     samples = [(str(p), 0) for p in paths]
     train = data.ImageNetDataset(samples, data.train_transform(input_size), train=True)
     val = data.ImageNetDataset(samples, data.eval_transform(input_size, resize), train=False)
+    recipe = data.ImageNetDataset(samples, augment.Chain(data.TrainTransform(RECIPE_CROP),
+                                                         augment.after_crop("ta_wide", RECIPE_ERASE)), train=True)
     return {split: data.build_loader(ds, batch_size, data.EvalSampler(len(ds)), num_workers=0, pin_memory=False)
-            for split, ds in (("train", train), ("eval", val))}
+            for split, ds in (("train", train), ("eval", val), ("recipe", recipe))}
 
 
 def _images_per_s(loader):
@@ -99,16 +113,18 @@ def run(images=None, repeats=5, limit=0, batch_size=32, input_size=224, resize=2
             _our_loaders(paths, input_size, resize, batch_size)
         for loader in (*ref.values(), *ours.values()):  # warm up: file cache, allocator, imports
             next(iter(loader))
-        speeds = {(who, split): [] for who in ("ours", "reference") for split in ("train", "eval")}
+        splits = ("train", "eval", "recipe")
+        speeds = {(who, split): [] for who in ("ours", "reference") for split in splits}
         for _ in range(repeats):  # alternate, so load from other processes hits both sides alike
-            for split in ("train", "eval"):
+            for split in splits:
                 speeds["reference", split].append(_images_per_s(ref[split]))
                 speeds["ours", split].append(_images_per_s(ours[split]))
         identical = check_eval_identical(paths, input_size, resize)
     rows = {}
-    for split in ("train", "eval"):
+    for split in splits:
         o, r = statistics.median(speeds["ours", split]), statistics.median(speeds["reference", split])
-        rows[f"input pipeline {split} (per core)"] = {"ratio": o / r, "ours": o, "reference": r, "unit": "images/s"}
+        name = "train ta_wide+erase" if split == "recipe" else split
+        rows[f"input pipeline {name} (per core)"] = {"ratio": o / r, "ours": o, "reference": r, "unit": "images/s"}
     rows["input pipeline eval identical to torchvision"] = {"ratio": identical / len(paths), "ours": identical,
                                                           "reference": len(paths), "unit": "images"}
     return rows

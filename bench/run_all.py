@@ -79,6 +79,8 @@ def data_rows(images, s, threads):
     torch.set_num_threads(threads)  # bench_data pins one thread for its per-core figures
     notes = {"input pipeline train (per core)": "RandomResizedCrop+flip, uint8 out vs ToTensor+Normalize",
              "input pipeline eval (per core)": "Resize+CenterCrop, uint8 out vs ToTensor+Normalize",
+             "input pipeline train ta_wide+erase (per core)": "torchvision-v2's 176 px crop+flip, TrivialAugmentWide, "
+                                                              "erase 0.1: uint8 out vs torchvision v2 on PIL",
              "input pipeline eval identical to torchvision": "images with exactly torchvision's pixels"}
     return {name: _row(r["ratio"], r["ours"], r["reference"], r["unit"], notes.get(name, ""))
             for name, r in rows.items()}

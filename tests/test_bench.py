@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import run_all  # noqa: E402
 
-SPEED_ROWS = ["input pipeline train (per core)", "input pipeline eval (per core)", "training step (cpu)",
-              "evaluation (cpu)"]
+SPEED_ROWS = ["input pipeline train (per core)", "input pipeline eval (per core)",
+              "input pipeline train ta_wide+erase (per core)", "training step (cpu)", "evaluation (cpu)"]
 EPOCH_ROW = "demo epoch (cpu): share waiting for data"
 ONNX_ROW = "batch-1 latency, ONNX vs eager PyTorch"
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))

@@ -357,6 +357,49 @@ def test_train_sampler_resume_yields_exactly_the_unseen_rest():
     assert sorted(i for s in two for i in s) == sorted(full[6:])
 
 
+def torchvision_ra_order(n, replicas, rank, reps, seed, epoch):
+    """torchvision's RASampler (references/classification/sampler.py), written out from its description:
+    a (seed + epoch) permutation, each index repeated reps times in a row, padded by wrapping to a
+    multiple of the ranks, every replicas-th from rank, the first floor(n // 256 * 256 / replicas)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    indices = [i for i in torch.randperm(n, generator=g).tolist() for _ in range(reps)]
+    total = int(np.ceil(n * reps / replicas)) * replicas
+    indices += indices[:total - len(indices)]
+    return indices[rank:total:replicas][:int(np.floor(n // 256 * 256 / replicas))]
+
+
+@pytest.mark.parametrize("n, replicas, reps", [(600, 1, 3), (600, 2, 4), (777, 3, 3), (300, 4, 2)])
+def test_ra_sampler_equals_torchvisions(n, replicas, reps):
+    for epoch in (0, 5):
+        for rank in range(replicas):
+            sampler = data.RASampler(n, replicas, rank, seed=7, repetitions=reps)
+            sampler.set_epoch(epoch)
+            assert list(sampler) == torchvision_ra_order(n, replicas, rank, reps, 7, epoch)
+            assert len(sampler) == sampler.num_samples == n // 256 * 256 // replicas
+
+
+def test_ra_sampler_sends_the_copies_of_an_image_to_different_ranks_and_keeps_small_sets():
+    shards = [list(data.RASampler(40, 4, r, repetitions=4)) for r in range(4)]
+    assert all(len(s) == 10 for s in shards)  # under 256 images the epoch is not rounded down to nothing
+    assert shards[0] == shards[1] == shards[2] == shards[3]  # each rank augments its own copy of the same image
+
+
+def test_ra_sampler_resume_yields_exactly_the_unseen_rest_also_on_another_world_size():
+    sampler = data.RASampler(600, seed=3, repetitions=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, skip=96)
+    state = sampler.state_dict()
+    resumed = data.RASampler(600, seed=0, repetitions=3)
+    resumed.load_state_dict(state)
+    assert list(resumed) == full[96:] and state["repetitions"] == 3
+    two = [data.RASampler(600, 2, r, repetitions=3) for r in range(2)]
+    for s in two:
+        s.load_state_dict(state)
+    assert [i for pair in zip(*two) for i in pair] == full[96:96 + 2 * len(two[0])]
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def test_demo_dataset_reads_back_with_the_right_labels(tmp_path):
     from sklearn.datasets import load_digits

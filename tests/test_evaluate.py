@@ -1,4 +1,5 @@
 """evaluate.py: exact scores, every image counted once, single images, exports, named public weights."""
+import contextlib
 import csv
 import hashlib
 import json
@@ -285,21 +286,35 @@ def test_without_onnxruntime_scoring_falls_back_to_pytorch_with_a_note(trained, 
         run("--weights", trained["path"], "--data-dir", demo, "--backend", "onnxruntime", *PRE)
 
 
-def test_on_cuda_onnxruntime_is_refused_and_fp32_scoring_turns_tf32_off(demo, tmp_path, monkeypatch, capsys):
+@contextlib.contextmanager
+def pretended_gpu():
+    """torch.cuda.is_available() says True inside; it and the TF32 flags are put back on exit, whatever happens.
+
+    By hand, not with monkeypatch: torch.backends.cuda.matmul serves allow_tf32 through __getattr__, so
+    monkeypatch records no old value, its undo raises, and the patches made before it stay in place.
+    """
+    saved = torch.cuda.is_available, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.cuda.is_available = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_on_cuda_onnxruntime_is_refused_and_fp32_scoring_turns_tf32_off(demo, tmp_path, capsys):
     # Both checks come before anything touches a GPU, so a pretended one is enough to exercise them.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    code, err = error_of(capsys, "--device", "cuda", "--backend", "onnxruntime", "--weights", tmp_path / "w.pth",
-                         "--data-dir", demo)
-    assert code == 2 and len(err) == 1
-    assert "--backend onnxruntime scores on the CPU" in err[0] and "--device cpu" in err[0]
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    code, err = error_of(capsys, "--device", "cuda", "--weights", tmp_path / "missing.pth", "--data-dir", demo)
-    assert code == 2 and "missing.pth" in err[0]  # stopped at the weights, after the precision was set
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    error_of(capsys, "--device", "cuda", "--amp", "--weights", tmp_path / "missing.pth", "--data-dir", demo)
-    assert torch.backends.cudnn.allow_tf32  # --amp asks for speed: left as it was
+    with pretended_gpu():
+        code, err = error_of(capsys, "--device", "cuda", "--backend", "onnxruntime", "--weights",
+                             tmp_path / "w.pth", "--data-dir", demo)
+        assert code == 2 and len(err) == 1
+        assert "--backend onnxruntime scores on the CPU" in err[0] and "--device cpu" in err[0]
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        code, err = error_of(capsys, "--device", "cuda", "--weights", tmp_path / "missing.pth", "--data-dir", demo)
+        assert code == 2 and "missing.pth" in err[0]  # stopped at the weights, after the precision was set
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        error_of(capsys, "--device", "cuda", "--amp", "--weights", tmp_path / "missing.pth", "--data-dir", demo)
+        assert torch.backends.cudnn.allow_tf32  # --amp asks for speed: left as it was
 
 
 def test_amp_on_cpu_counts_every_image(trained, demo):

@@ -17,6 +17,7 @@ ALLOWED = {
     "MobileNetV2": set(),
     "weights": {"checkpoint", "MobileNetV2"},
     "read_ImageNetData": {"cli"},
+    "augment": set(),
     "distributed": {"cli"},
     "optimization": set(),
     "fused_batchnorm": {"MobileNetV2"},
@@ -26,8 +27,8 @@ ALLOWED = {
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
     "quantize": {"checkpoint", "cli", "evaluate", "inference", "outputs", "quantization", "read_ImageNetData",
                  "weights"},
-    "train": {"checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2", "optimization",
-              "outputs", "read_ImageNetData", "weights"},
+    "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2",
+              "optimization", "outputs", "read_ImageNetData", "weights"},
 }
 
 

@@ -210,7 +210,7 @@ def test_seed_format_weights_resume_at_start_epoch_with_implied_lr(data, tmp_pat
 
 def test_resume_file_continues_without_start_epoch_and_start_epoch_wins(data, two_epochs, tmp_path, capsys):
     args = parse(data, tmp_path, "--num-epochs", "3", "--resume", str(two_epochs / "epoch_1.pth"),
-                 "--start-epoch", "2")
+                 "--start-epoch", "2", "--model-ema")
     assert run_main(args) == 0
     assert "overrides" in capsys.readouterr().out
     assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 3]
@@ -239,7 +239,7 @@ def test_resume_auto_skips_corrupt_newest(data, two_epochs, tmp_path, capsys):
     assert all(name in notes for name in ("last.pth", "epoch_2.pth", "best.pth"))
 
     # the whole run: resumes from epoch 1 and trains epoch 2 again
-    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto")) == 0
+    assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto", "--model-ema")) == 0
     assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 2]
 
 
@@ -473,7 +473,8 @@ def test_demo_settings_apply_and_explicit_flags_win():
     args = train.check_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
     assert args.num_epochs == 2  # given explicitly
     assert (args.input_size, args.save_path, args.device) == (64, "output/demo", "cpu")
-    assert args.data_dir == "output/demo/data" and args.resize == 73
+    assert args.data_dir == "output/demo/data" and args.val_resize_size == 73
+    assert args.train_crop_size == args.val_crop_size == 64
 
 
 @pytest.mark.parametrize("flag, value, attribute", [("--lr", "0.045", "lr"), ("--hflip", "0.5", "hflip"),
@@ -491,6 +492,8 @@ def test_a_flag_given_with_the_plain_default_value_still_wins_over_demo(flag, va
     ("train", "--num-class", "--num-classes", "num_classes"), ("train", "--workers", "--num-workers", "num_workers"),
     ("train", "--epochs", "--num-epochs", "num_epochs"), ("evaluate", "--crop", "--input-size", "input_size"),
     ("evaluate", "--num-class", "--num-classes", "num_classes"), ("evaluate", "--workers", "--num-workers", "num_workers"),
+    ("evaluate", "--val-resize-size", "--resize", "resize"), ("evaluate", "--val-crop-size", "--input-size", "input_size"),
+    ("train", "--resize", "--val-resize-size", "val_resize_size"),
 ])
 def test_one_flag_spelling_across_scripts_with_the_old_ones_as_aliases(script, old, new, attribute):
     module = __import__(script)
