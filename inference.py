@@ -308,9 +308,13 @@ def export_pte(model, path, input_size=224, reference=None, metadata=None, check
             exported, partitioner=[XnnpackPartitioner()],
             constant_methods={"metadata": json.dumps(metadata)} if metadata is not None else None).to_executorch()
     data = program.buffer
+    try:
+        program = ExecuTorchModel(data)
+    except RuntimeError as e:  # XNNPACK refuses parameters it has no kernel for; a phone would refuse them too
+        raise InferenceError(f"{path}: ExecuTorch's runtime cannot load the program ({str(e).splitlines()[0]}); "
+                             "nothing was written") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
-    program = ExecuTorchModel(data)
     x = parity_input(input_size, 3, seed=1) if check_inputs is None else check_inputs
     with torch.no_grad():
         return (program(x) - reference(x)).abs().max().item()

@@ -180,23 +180,29 @@ def run(args):
 
 
 def write_pte(model, calibration, scored, pre, args, metadata, log):
-    """The INT8 ExecuTorch program, run by ExecuTorch's runtime on a few of the scored images against the
-    quantized model in PyTorch; refused when they differ by more than 5% of the largest logit."""
+    """The INT8 ExecuTorch program, run by ExecuTorch's runtime on a few of the scored images beside the
+    quantized model in PyTorch. XNNPACK rounds differently from PyTorch's reference arithmetic, so the two
+    are not equal; the program is refused when it is a worse approximation of the float model than the
+    quantized model in PyTorch by more than a factor of two (a broken lowering is off by the logits' size)."""
     start = time.perf_counter()
     quantized = quantization.quantize_pt2e(model, calibration, pre["input_size"], args.bias_correction)
     images = torch.stack([scored[i][0] for i in range(min(8, len(scored)))])
     x = normalize(images, pre["mean"], pre["std"])
     diff = inference.export_pte(quantized, args.export_pte, pre["input_size"], metadata=metadata, check_inputs=x)
+    program = inference.ExecuTorchModel(args.export_pte.read_bytes())
     with torch.no_grad():
-        scale = quantized(x).abs().max().item()
+        want = model.eval()(x)
+        error = {"pytorch": (quantized(x) - want).abs().max().item(), "executorch": (program(x) - want).abs().max().item()}
     size = args.export_pte.stat().st_size
     log(f"wrote {args.export_pte}: INT8 ExecuTorch program (XNNPACK) {size / 1e6:.2f} MB in "
-        f"{time.perf_counter() - start:.0f} s; its logits differ from the quantized model in PyTorch by at most "
-        f"{diff:.3f} (largest logit {scale:.1f})")
-    if not diff <= 0.05 * scale:
-        raise quantization.QuantizationError(f"{args.export_pte}: ExecuTorch's logits differ from PyTorch's by "
-                                             f"{diff:.3f}, more than 5% of the largest ({scale:.1f}); do not deploy it")
-    return {"path": str(args.export_pte), "bytes": size, "max_abs_diff": diff, "largest_logit": scale}
+        f"{time.perf_counter() - start:.0f} s; largest logit error against the float model: {error['executorch']:.3f} "
+        f"run by ExecuTorch, {error['pytorch']:.3f} in PyTorch (largest logit {want.abs().max().item():.1f})")
+    if not error["executorch"] <= 2 * error["pytorch"] + 0.01 * want.abs().max().item():
+        raise quantization.QuantizationError(
+            f"{args.export_pte}: run by ExecuTorch its logits are off by {error['executorch']:.3f}, against "
+            f"{error['pytorch']:.3f} for the same INT8 model in PyTorch; do not deploy it")
+    return {"path": str(args.export_pte), "bytes": size, "max_abs_diff_to_pytorch_int8": diff,
+            "max_abs_error": error["executorch"], "max_abs_error_pytorch_int8": error["pytorch"]}
 
 
 def read_data_classes(data_dir, order, num_classes, meta):
