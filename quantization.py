@@ -3,7 +3,7 @@
     report = quantization.quantize_onnx(model, calibration, "model.int8.onnx", input_size=224, metadata=meta)
 
 `calibration` is a re-iterable of normalised float batches (a few hundred training images). The recipe,
-each step chosen by measurement on this repo's models (README, "INT8"):
+each step to be checked on given weights with bench/bench_int8.py (README, "INT8 for CPUs and phones"):
   1. BatchNorm folded into the convolutions (a QDQ graph has no BatchNorm kernel; folding first also
      quantizes the weights that actually run);
   2. empirical bias correction: rounding the weights to int8 shifts each output channel's mean by
@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import logging
+import random
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ import inference
 from checkpoint import unwrap
 from cli import ScriptError
 from outputs import atomic_write
+from read_ImageNetData import EvalSampler, ImageNetDataset, build_loader, eval_transform, normalize
 
 # name -> (onnxruntime CalibrationMethod name, extra calibrator options)
 CALIBRATION_METHODS = {
@@ -236,3 +238,170 @@ def quantize_pt2e(model, calibration, input_size=224, bias_correction=True):
         if not seen:
             raise QuantizationError("no calibration images")
         return convert_pt2e(prepared)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration images
+
+
+class CalibrationImages:
+    """The calibration images as normalised float batches, decoded afresh on each pass (a re-iterable, so
+    memory does not grow with their number). Images that do not decode are left out and counted."""
+
+    def __init__(self, samples, transform, pre, batch_size, num_workers):
+        self.dataset = ImageNetDataset(samples, transform, train=False)
+        self.pre, self.batch_size, self.num_workers = pre, batch_size, num_workers
+        self.used = self.failed = 0
+
+    def __iter__(self):
+        loader = build_loader(self.dataset, self.batch_size, EvalSampler(len(self.dataset)),
+                              num_workers=self.num_workers)
+        used = failed = 0
+        for images, _, _, n_failed in loader:
+            ok = n_failed == 0
+            failed += int((~ok).sum())
+            used += int(ok.sum())
+            if ok.any():
+                yield normalize(images[ok], self.pre["mean"], self.pre["std"])
+        self.used, self.failed = used, failed
+
+
+def calibration_draw(samples, n, seed=0):
+    """`n` of `samples` drawn at random with `seed` (all of them when there are fewer)."""
+    pool = list(samples)
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization-aware fine-tuning (train.py --qat)
+
+
+def _rounded_with_straight_through_gradient(weight):
+    """`quantize_weight(weight)` forward; the identity backward (the straight-through estimator)."""
+    return weight + (quantize_weight(weight) - weight).detach()
+
+
+class QuantizationAwareTraining:
+    """Fake quantization of a MobileNetV2 in training, as the INT8 file will compute it, in place.
+
+    Each convolution followed by a BatchNorm sees its weights as the deployed file holds them: folded
+    with the BatchNorm's running statistics, then rounded per output channel (`quantize_weight`), and
+    unfolded again, so the BatchNorm that follows still normalises by its batch statistics (Jacob et al.
+    2018, Sec. 3.2; torchvision's ConvBn2d). The classifier's weights are rounded the same way. The
+    activations the file keeps in uint8 (the image, every convolution unit's output, every block's
+    output, the pooled features) pass through fake quantizers with moving-average min/max observers.
+    After `freeze_bn_epochs` epochs the BatchNorms use their running statistics (then training computes
+    exactly the folded convolution of the file), after `freeze_observer_epochs` the activation ranges
+    stop moving: torchvision's recipe (3 and 4 epochs at lr 1e-4).
+
+    Parameter and buffer names do not change (no module is replaced: forwards and hooks are set on the
+    instances), so checkpoints, EMA and evaluation read the model as before. `remove()` undoes it all.
+    """
+
+    def __init__(self, model, freeze_bn_epochs=3, freeze_observer_epochs=4):
+        from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+        self.model, self.freeze_bn_epochs, self.freeze_observer_epochs = model, freeze_bn_epochs, freeze_observer_epochs
+        self.quantizers, self.handles, self.patched = [], [], []
+        self.observing = True
+
+        def fake_quantizer():
+            fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
+                              qscheme=torch.per_tensor_affine)
+            self.quantizers.append(fq)
+            return fq
+
+        def quantize_output(fq):
+            return lambda module, inputs, output: self._fake_quantize(fq, output)
+
+        first = fake_quantizer()
+        self.handles.append(model.register_forward_pre_hook(
+            lambda module, inputs: (self._fake_quantize(first, inputs[0]),) + inputs[1:]))
+        self.batchnorms = []
+        for sequential in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+            children = list(sequential.children())
+            for i, (conv, bn) in enumerate(zip(children, children[1:])):
+                if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+                    self._fold_and_round(conv, bn)
+                    self.batchnorms.append(bn)
+                    # the unit's output: after its ReLU6 when it has one (the file fuses it), else after the BatchNorm
+                    after = children[i + 2] if i + 2 < len(children) and "ReLU" in type(children[i + 2]).__name__ else bn
+                    self.handles.append(after.register_forward_hook(quantize_output(fake_quantizer())))
+        for module in model.modules():
+            if type(module).__name__ == "InvertedResidual" and getattr(module, "use_residual", False):
+                self.handles.append(module.register_forward_hook(quantize_output(fake_quantizer())))
+            if type(module) is nn.Linear:
+                self._round(module)
+                pooled = fake_quantizer()
+                self.handles.append(module.register_forward_pre_hook(
+                    lambda m, inputs, fq=pooled: (self._fake_quantize(fq, inputs[0]),)))
+
+    def _fake_quantize(self, fq, x):
+        # ranges follow the training batches only: validation images must not move them
+        if fq.scale.device != x.device:  # the quantizers are not the model's modules: they follow it here
+            fq.to(x.device)
+        if self.observing and self.model.training:
+            fq.enable_observer()
+        else:
+            fq.disable_observer()
+        return fq(x)
+
+    def _fold_and_round(self, conv, bn):
+        def forward(x):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            scale = torch.where(scale.abs() > 1e-12, scale, torch.full_like(scale, 1e-12))  # a zeroed channel
+            weight = _rounded_with_straight_through_gradient(conv.weight * scale.reshape(-1, 1, 1, 1))
+            y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            y = y / scale.reshape(1, -1, 1, 1)
+            return y if conv.bias is None else y + conv.bias.reshape(1, -1, 1, 1)
+        conv.forward = forward
+        self.patched.append((conv, "forward"))
+
+    def _round(self, linear):
+        linear.forward = lambda x: F.linear(x, _rounded_with_straight_through_gradient(linear.weight), linear.bias)
+        self.patched.append((linear, "forward"))
+
+    def start_epoch(self, epochs_done):
+        """Freeze what the recipe freezes once `epochs_done` QAT epochs are behind; returns what is frozen."""
+        frozen = []
+        if epochs_done >= self.freeze_bn_epochs:
+            for bn in self.batchnorms:
+                if "train" not in vars(bn):
+                    bn.train = lambda mode=True, bn=bn: nn.Module.train(bn, False)
+                    self.patched.append((bn, "train"))
+                bn.eval()
+            frozen.append("BatchNorm statistics")
+        if epochs_done >= self.freeze_observer_epochs:
+            self.observing = False
+            frozen.append("activation ranges")
+        return frozen
+
+    def export(self, path, samples, preprocessing, classes, calibration_images=512, batch_size=32, num_workers=0,
+               seed=0):
+        """Undo the fake quantization (`remove`) and write the trained model as the INT8 QDQ file
+        (`quantize_onnx`): the same folding and weight rounding as in training, so the file's weights are
+        those training saw; activation ranges set (minmax) on `calibration_images` of `samples` read with
+        the validation `preprocessing`; no bias correction (training has absorbed the rounding). The file
+        carries `classes` ({"order", "wnids", "names"}) and the preprocessing as quantize.py's does.
+        Returns quantize_onnx's report."""
+        self.remove()
+        pre = {key: preprocessing[key] for key in ("resize", "input_size", "interpolation", "mean", "std")}
+        drawn = calibration_draw(samples, calibration_images, seed)
+        calibration = CalibrationImages(drawn, eval_transform(pre["input_size"], pre["resize"], pre["interpolation"]),
+                                        pre, batch_size, num_workers)
+        recipe = {"calibration_method": "minmax", "bias_correction": False, "calibration_images": len(drawn),
+                  "calibration_seed": seed, "weights": "int8, symmetric, one scale per output channel",
+                  "quantization_aware_training": {"freeze_bn_epochs": self.freeze_bn_epochs,
+                                                  "freeze_observer_epochs": self.freeze_observer_epochs},
+                  "activations": "uint8, one scale per tensor"}
+        metadata = inference.deployment_metadata(classes, pre, dict(self.model.config), int8=recipe)
+        model = copy.deepcopy(unwrap(self.model)).cpu().float().eval()
+        return quantize_onnx(model, calibration, path, pre["input_size"], "minmax", bias_correction=False,
+                             metadata=metadata)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        for module, name in self.patched:
+            vars(module).pop(name, None)
+        self.handles, self.patched = [], []

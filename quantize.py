@@ -33,7 +33,7 @@ from read_ImageNetData import (INTERPOLATIONS, DataError, EvalSampler, ImageNetD
                                find_layout, list_samples, normalize, read_classes)
 from weights import DOWNLOADABLE, PRETRAINED_DIR
 
-# Chosen by measurement (README, "INT8"): accuracy stops changing beyond this many images.
+# A default to revisit on ImageNet weights (README, "INT8 for CPUs and phones": not yet measured there).
 DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_METHOD = "minmax"
 HELD_OUT_IMAGES = 1000  # scored when the data has no val images and --max-images is not given
@@ -66,8 +66,8 @@ def get_args_parser(add_help=True):
                            "train images, a part of val calibrates and the rest is scored)")
     data.add_argument("--calibration-images", type=cli.positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                       help="training images the activation ranges are calibrated on, drawn at random with "
-                           f"--seed (default {DEFAULT_CALIBRATION_IMAGES}: accuracy stopped changing beyond it in "
-                           "this repo's measurements, README 'INT8')")
+                           f"--seed (default {DEFAULT_CALIBRATION_IMAGES}; not yet measured on ImageNet weights here: "
+                           "bench/bench_int8.py --weights W --data-dir D compares counts)")
     data.add_argument("--max-images", type=cli.positive_int, default=None,
                       help="score float and INT8 on only the first N val images (default: all; without val "
                            f"images, {HELD_OUT_IMAGES} held-out training images)")
@@ -88,7 +88,8 @@ def get_args_parser(add_help=True):
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
     pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
 
-    q = p.add_argument_group("quantization (defaults chosen by measurement, README 'INT8')")
+    q = p.add_argument_group("quantization (bench/bench_int8.py compares the choices on given weights; README "
+                                 "'INT8 for CPUs and phones')")
     q.add_argument("--calibration-method", choices=sorted(quantization.CALIBRATION_METHODS), default=DEFAULT_METHOD,
                    help="how activation ranges are set from the calibration images (onnxruntime's "
                         "calibrators; percentile keeps 99.999%%)")
@@ -138,7 +139,8 @@ def run(args):
     calibration_samples, scored_samples, scored_on = split_images(args.data_dir, classes, args.calibration_images,
                                                                   args.max_images, args.seed, log)
     transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
-    calibration = CalibrationImages(calibration_samples, transform, pre, args.batch_size, args.num_workers)
+    calibration = quantization.CalibrationImages(calibration_samples, transform, pre, args.batch_size,
+                                               args.num_workers)
     scored = ImageNetDataset(scored_samples, transform, train=False)
     recipe = {"calibration_method": args.calibration_method, "bias_correction": args.bias_correction,
               "calibration_images": len(calibration_samples), "calibration_seed": args.seed,
@@ -252,28 +254,6 @@ def split_images(data_dir, classes, calibration_images, max_images, seed, log):
         log(f"note: --calibration-images {calibration_images}, but only {len(calibration)} images are available; "
             "calibrating on those")
     return calibration, scored, scored_on
-
-
-class CalibrationImages:
-    """The calibration images as normalised float batches, decoded afresh on each pass (a re-iterable, so
-    memory does not grow with their number). Images that do not decode are left out and counted."""
-
-    def __init__(self, samples, transform, pre, batch_size, num_workers):
-        self.dataset = ImageNetDataset(samples, transform, train=False)
-        self.pre, self.batch_size, self.num_workers = pre, batch_size, num_workers
-        self.used = self.failed = 0
-
-    def __iter__(self):
-        loader = build_loader(self.dataset, self.batch_size, EvalSampler(len(self.dataset)),
-                              num_workers=self.num_workers)
-        used = failed = 0
-        for images, _, _, n_failed in loader:
-            ok = n_failed == 0
-            failed += int((~ok).sum())
-            used += int(ok.sum())
-            if ok.any():
-                yield normalize(images[ok], self.pre["mean"], self.pre["std"])
-        self.used, self.failed = used, failed
 
 
 def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, log):

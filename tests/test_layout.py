@@ -22,13 +22,13 @@ ALLOWED = {
     "optimization": set(),
     "fused_batchnorm": {"MobileNetV2"},
     "inference": {"checkpoint", "cli", "outputs"},
-    "quantization": {"checkpoint", "cli", "inference", "outputs"},
+    "quantization": {"checkpoint", "cli", "inference", "outputs", "read_ImageNetData"},
     "evaluate": {"checkpoint", "cli", "distributed", "inference", "outputs", "read_ImageNetData", "weights"},
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
     "quantize": {"checkpoint", "cli", "evaluate", "inference", "outputs", "quantization", "read_ImageNetData",
                  "weights"},
     "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "fused_batchnorm", "MobileNetV2",
-              "optimization", "outputs", "read_ImageNetData", "weights"},
+              "optimization", "outputs", "quantization", "read_ImageNetData", "weights"},
 }
 
 

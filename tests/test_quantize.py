@@ -312,3 +312,98 @@ def test_without_executorch_export_pte_is_one_line_naming_the_package(weights, d
                               tmp_path / "m.pte", "--num-workers", 0)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "pip install executorch" in err, err
     assert not (tmp_path / "m.pte").exists()
+
+
+# ---- train.py --qat ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qat_run(weights, data, tmp_path_factory):
+    """train.py --qat from the digits weights: 2 epochs, BatchNorm statistics frozen after 1 and
+    activation ranges after 1 (the recipe's 3 and 4, scaled down), lr 1e-4 (the recipe's)."""
+    import train
+    out = tmp_path_factory.mktemp("qat")
+    environ = dict(os.environ)
+    try:
+        code = run_main_quiet(train, ["--qat", weights["path"], "--data-dir", data, "--save-path", out,
+                                      "--num-epochs", 2, "--qat-bn-epochs", 1, "--qat-observer-epochs", 1,
+                                      "--width-mult", 0.35, "--input-size", SIZE, "--val-resize-size", RESIZE,
+                                      "--batch-size", 32, "--num-workers", 0, "--device", "cpu",
+                                      "--calibration-images", 64])
+    finally:  # importing torch._dynamo (PyTorch's optimizers do) sets TORCHINDUCTOR_CACHE_DIR
+        os.environ.clear()
+        os.environ.update(environ)
+    assert code == 0
+    return out
+
+
+def run_main_quiet(module, argv):
+    from helpers import run_main
+    return run_main(module, module.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_qat_writes_an_int8_file_whose_weights_are_the_ones_training_rounded(qat_run, weights):
+    path = qat_run / "model.int8.onnx"
+    trained = MobileNetV2(width_mult=0.35)
+    trained.load_state_dict(torch.load(qat_run / "last.pth", weights_only=True)["model"])
+    trained.eval()
+    folded = inference.prepare_for_inference(trained, channels_last=False)
+    graph = onnx.load(str(path)).graph
+    stored = _initializers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    for conv, module in zip(convs, [m for m in folded.modules() if isinstance(m, nn.Conv2d)]):
+        dq = producer[conv.input[1]]
+        got = torch.from_numpy(stored[dq.input[0]].astype(np.float32) * stored[dq.input[1]].reshape(-1, 1, 1, 1))
+        assert torch.allclose(got, quantization.quantize_weight(module.weight), rtol=0, atol=1e-6)
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[inference.METADATA_KEY])
+    assert meta["classes"]["names"] == weights["classes"].names and meta["data"]["input_size"] == SIZE
+    assert meta["int8"]["bias_correction"] is False
+    assert meta["int8"]["quantization_aware_training"] == {"freeze_bn_epochs": 1, "freeze_observer_epochs": 1}
+
+
+def test_qat_freezes_batchnorm_statistics_after_the_given_epochs(qat_run, weights):
+    first = torch.load(qat_run / "epoch_1.pth", weights_only=True)["model"]
+    second = torch.load(qat_run / "epoch_2.pth", weights_only=True)["model"]
+    start = weights["model"].state_dict()
+    stats = [k for k in first if k.endswith("running_mean") or k.endswith("running_var")]
+    assert len(stats) == 2 * 52
+    assert any(not torch.equal(first[k], start[k]) for k in stats)  # epoch 1 still updated them
+    assert all(torch.equal(first[k], second[k]) for k in stats)      # epoch 2 did not
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith(".weight"))  # weights did learn
+
+
+def test_qat_int8_file_scores_in_evaluate_like_the_fine_tuned_weights(qat_run, data):
+    float_scores = evaluate_run("--weights", qat_run / "last.pth", "--data-dir", data, "--backend", "torch")
+    int8_scores = evaluate_run("--weights", qat_run / "model.int8.onnx", "--data-dir", data)
+    assert int8_scores["backend"] == "onnxruntime, INT8" and int8_scores["images"] == 30
+    assert float_scores["top1"] >= 60
+    assert abs(int8_scores["top1"] - float_scores["top1"]) <= 10  # at most 3 of the 30 images
+
+
+def test_qat_fake_quantization_computes_what_the_int8_file_computes(tmp_path):
+    """After the freezes, the fake-quantized model in PyTorch is closer to the INT8 file than the float
+    model is, by a wide margin: training optimises the function that is deployed."""
+    torch.manual_seed(0)
+    model = MobileNetV2(width_mult=0.35, num_classes=10)
+    with torch.no_grad():
+        model.train()(torch.randn(32, 3, SIZE, SIZE))
+    reference = copy.deepcopy(model).eval()
+    names = list(model.state_dict())
+    qat = quantization.QuantizationAwareTraining(model, freeze_bn_epochs=1, freeze_observer_epochs=1)
+    assert list(model.state_dict()) == names  # checkpoints and EMA read the model as before
+    batches = [torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model.train()
+    with torch.no_grad():
+        for x in batches:  # the observers see the training batches
+            model(x)
+    assert qat.start_epoch(1) == ["BatchNorm statistics", "activation ranges"]
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    x = batches[0]
+    with torch.no_grad():
+        fake, want = model(x), reference(x)
+    qat.remove()
+    assert "forward" not in vars(model.features[0][0])
+    quantization.quantize_onnx(model, batches, tmp_path / "m.onnx", SIZE, bias_correction=False)
+    got = inference.OnnxFileModel(tmp_path / "m.onnx")(x)
+    assert (got - fake).abs().max() < 0.25 * (got - want).abs().max()
