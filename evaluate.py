@@ -9,6 +9,7 @@ and `--weights torchvision-v2` fetch torchvision's files into pretrained/ (see p
 
     python evaluate.py --weights torchvision-v2 cat.jpg photos/          # top-5 classes per image
     python evaluate.py --weights ckpt.pth --export-onnx mobilenet_v2.onnx  # checked against PyTorch
+    python evaluate.py --weights mobilenet_v2.int8.onnx --data-dir /data/imagenet  # quantize.py's file
     torchrun --nproc-per-node 8 evaluate.py --weights ckpt.pth --data-dir /data/imagenet
 
 Every validation image is counted exactly once, also across processes; a file that does not decode is
@@ -368,6 +369,9 @@ def get_args_parser(add_help=True):
     exp = p.add_argument_group("export (dynamic batch size, checked against PyTorch)")
     exp.add_argument("--export-onnx", type=Path, default=None, help="write an ONNX model here")
     exp.add_argument("--export-torchscript", type=Path, default=None, help="write a TorchScript model here")
+    exp.add_argument("--export-pte", type=Path, default=None,
+                     help="write an ExecuTorch program for phones here (XNNPACK, float32, one image per call; "
+                          "needs pip install executorch; INT8: quantize.py --export-pte)")
     exp.add_argument("--opset", type=cli.positive_int, default=17, help="ONNX opset")
     exp.add_argument("--export-tolerance", type=cli.positive_float, default=1e-4,
                      help="largest |logit difference| the exported model may show")
@@ -394,6 +398,32 @@ def resolve_weights(args, log):
     return path, checkpoint.read_weights(path), digest, name, entry
 
 
+def load_onnx_weights(args, device, log):
+    """(path, model, metadata, sha256) for an ONNX file given as --weights: run by onnxruntime on the CPU,
+    class order, names and preprocessing from the file's metadata (`inference.OnnxFileModel`)."""
+    path = Path(args.weights)
+    if not path.is_file():
+        raise UsageError(f"--weights {path}: no such file")
+    clashes = [flag for flag, given in (("--ema", args.ema), ("--amp", args.amp), ("--compile", args.compile),
+                                        ("--backend torch", args.backend == "torch"),
+                                        ("--export-onnx", args.export_onnx),
+                                        ("--export-torchscript", args.export_torchscript),
+                                        ("--export-pte", args.export_pte)) if given]
+    if clashes:
+        raise UsageError(f"{clashes[0]} needs PyTorch weights, and --weights {path} is an ONNX file; drop it")
+    if device.type != "cpu":
+        raise UsageError(f"--weights {path}: an ONNX file runs in onnxruntime on the CPU, but --device is {device}; "
+                         "use --device cpu")
+    model = inference.OnnxFileModel(path)
+    for flag, asked, held in (("--num-classes", args.num_classes, model.config["num_classes"]),
+                              ("--width-mult", args.width_mult, model.config["width_mult"])):
+        if asked is not None and held is not None and asked != held:
+            raise UsageError(f"{flag} {asked:g}, but {path} holds {held:g}; drop the flag")
+    log(f"{path}: {'INT8' if model.int8 else 'float'} ONNX graph, run by onnxruntime"
+        + ("" if model.meta.get("data") else "; it records no preprocessing: torchvision's unless flags say otherwise"))
+    return path, model, model.meta, sha256_of(path)
+
+
 def build_model(args, raw):
     try:
         return load_model(raw, num_classes=args.num_classes, width_mult=args.width_mult, use_ema=args.ema)
@@ -416,7 +446,7 @@ def resolve_preprocessing(args, meta, entry):
         source = "published"
     if meta.get("data"):
         pre.update({k: v for k, v in meta["data"].items() if k in pre})
-        source = "checkpoint"
+        source = "saved with the weights"
     flags = {"resize": args.resize, "input_size": args.input_size, "interpolation": args.interpolation,
              "mean": args.mean, "std": args.std}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -472,18 +502,21 @@ def main(args):
 
 
 def run(args):
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # an ONNX file runs in onnxruntime on the CPU, whatever GPU there is
+    on_gpu = torch.cuda.is_available() and not inference.is_onnx_file(args.weights)
+    device = args.device or torch.device("cuda" if on_gpu else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
-    if not (args.images or args.data_dir or args.export_onnx or args.export_torchscript):
-        raise UsageError("nothing to do: give --data-dir, image files, --export-onnx or --export-torchscript")
+    if not (args.images or args.data_dir or args.export_onnx or args.export_torchscript or args.export_pte):
+        raise UsageError("nothing to do: give --data-dir, image files, --export-onnx, --export-torchscript or "
+                         "--export-pte")
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
     for flag, path in (("--json", args.json), ("--per-class", args.per_class), ("--predictions", args.predictions),
                        ("--confusion", args.confusion), ("--export-onnx", args.export_onnx),
-                       ("--export-torchscript", args.export_torchscript)):
+                       ("--export-torchscript", args.export_torchscript), ("--export-pte", args.export_pte)):
         if path is not None and str(path) != "-":  # --per-class alone prints, writes nothing
             outputs.check_writable(path, flag)  # now, not after the whole scoring pass
     if device.type == "cuda" and not args.amp:
@@ -513,23 +546,36 @@ class Job:
 
 
 def _run(args, device, rank, world, log):
-    path, raw, digest, known_name, entry = resolve_weights(args, log)
-    meta = checkpoint.meta(raw)
-    model = build_model(args, raw)
-    del raw
+    if inference.is_onnx_file(args.weights):
+        path, model, meta, digest = load_onnx_weights(args, device, log)
+        known_name = entry = None
+    else:
+        path, raw, digest, known_name, entry = resolve_weights(args, log)
+        meta = checkpoint.meta(raw)
+        model = build_model(args, raw)
+        del raw
     num_classes = model.config["num_classes"]
     pre, pre_source = resolve_preprocessing(args, meta, entry)
     order = resolve_class_order(args, meta, entry, log)
-    log(f"weights {path} (width {model.config['width_mult']:g}, {num_classes} classes, {order} class order); "
+    size = getattr(model, "size", None)  # an ONNX graph made for one input size
+    if size and size != (pre["input_size"],) * 2:
+        raise UsageError(f"--weights {path} takes {size[0]}x{size[1]} px inputs, not the {pre['input_size']} px "
+                         f"crop; pass --input-size {size[0]}")
+    width = model.config["width_mult"]
+    log(f"weights {path} (width {'%g' % width if width else 'not recorded'}, {num_classes} classes, {order} "
+        "class order); "
         f"preprocessing resize {pre['resize']}, crop {pre['input_size']}, {pre['interpolation']}, "
         f"mean {pre['mean']}, std {pre['std']} ({pre_source})")
     result = {"weights": str(path), "sha256": digest, "known_weights": known_name,
               "published": entry["published"] if entry else None, "model_config": dict(model.config),
               "class_order": order, "preprocessing": pre}
 
-    if (args.export_onnx or args.export_torchscript) and rank == 0:
+    if (args.export_onnx or args.export_torchscript or args.export_pte) and rank == 0:
+        wnids, names = class_names(args, meta, order, num_classes)
+        deployed = inference.deployment_metadata({"order": order, "wnids": wnids if all(wnids) else None,
+                                                  "names": names}, pre, dict(model.config))
         result["export"] = run_exports(model, args.export_onnx, args.export_torchscript, pre["input_size"],
-                                       args.opset, args.export_tolerance, log)
+                                       args.opset, args.export_tolerance, log, deployed, args.export_pte)
     fast, channels_last, backend = fast_model(model, device, pre["input_size"], args.batch_size, args.amp,
                                               args.compile, args.plain, args.backend, log)
     if backend:
@@ -551,6 +597,8 @@ def _run(args, device, rank, world, log):
 
 def fast_model(model, device, input_size, batch_size, amp, compile, plain, backend, log):
     """(model to score with, wants channels_last input, backend name or None) as the speed flags ask."""
+    if isinstance(model, inference.OnnxFileModel):  # already a graph for onnxruntime
+        return model, False, "onnxruntime, INT8" if model.int8 else "onnxruntime"
     if plain:
         return model.to(device), False, None
     if amp or compile:
@@ -573,7 +621,8 @@ def write_output(path, writer, *contents):
     writer(path, *contents)
 
 
-def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance, log):
+def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance, log, metadata=None,
+                pte_path=None):
     # Exported models carry the folded convolutions: the same function, fewer operators to run. The
     # check compares with the model as loaded, so the folding is verified along with the export.
     model = model.cpu().eval()
@@ -581,10 +630,12 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
     inference.fold_batchnorm(deploy)
     report = {}
     for kind, target, export in (("onnx", onnx_path, inference.export_onnx),
-                                 ("torchscript", torchscript_path, inference.export_torchscript)):
+                                 ("torchscript", torchscript_path, inference.export_torchscript),
+                                 ("pte", pte_path, inference.export_pte)):
         if target is None:
             continue
-        kwargs = {"opset": opset} if kind == "onnx" else {}
+        kwargs = {"opset": opset, "metadata": metadata} if kind == "onnx" else \
+            {"metadata": metadata} if kind == "pte" else {}
         with outputs.staged(target) as staging:  # only a file that passed its check replaces the target
             diff = export(deploy, staging, input_size=input_size, reference=model, **kwargs)
             if diff is not None and not diff <= tolerance:

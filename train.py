@@ -41,6 +41,7 @@ import gpu_data
 import image_folders
 import optimization
 import outputs
+import quantization
 from checkpoint import CheckpointError, WeightsError
 from cli import UsageError
 from evaluate import evaluate
@@ -64,6 +65,13 @@ DEMO_SETTINGS = {
 DEMO_METHOD = ("lr", "lr_schedule", "warmup_epochs")
 
 
+# --qat: torchvision's quantization-aware fine-tuning recipe (references/classification/train_quantization.py:
+# SGD momentum 0.9, lr 1e-4 held for its 10 epochs, weight decay 1e-4). The fused BatchNorm kernel would
+# replace the BatchNorm layers the fake quantization reads.
+QAT_SETTINGS = {"num_epochs": 10, "lr": 1e-4, "weight_decay": 1e-4, "lr_schedule": "step", "lr_step_size": 30.0,
+                "lr_gamma": 0.1, "fused_bn": False}
+
+
 class TrainingError(cli.ScriptError, RuntimeError):
     """Training cannot go on (non-finite loss, a loader process that died); one line, exit code 1."""
 
@@ -85,6 +93,8 @@ def _presets(args):
     """The defaults the command line selects: the recipe's, then the demo's (see DEMO_METHOD); without a
     named recipe, those of fine-tuning (--pretrained, --freeze-backbone: see finetune.py) last."""
     chosen = recipe_defaults(args.recipe)
+    if args.qat:
+        chosen.update(QAT_SETTINGS)
     if args.demo:
         chosen.update({k: v for k, v in DEMO_SETTINGS.items() if args.recipe == "seed" or k not in DEMO_METHOD})
     if args.recipe == "seed":
@@ -220,6 +230,17 @@ def get_args_parser(add_help=True):
     out.add_argument("--demo", action="store_true",
                      help="train on a small generated digits dataset on the CPU (built in output/demo/data if "
                           "absent); its settings are defaults: flags given explicitly win")
+    qat = p.add_argument_group("INT8: quantization-aware fine-tuning (torchvision's recipe as defaults)")
+    qat.add_argument("--qat", metavar="WEIGHTS", default=None,
+                     help="fine-tune these float weights (any file evaluate.py reads) with INT8 fake quantization "
+                          "and write <save-path>/model.int8.onnx, as quantize.py writes it (defaults then: 10 "
+                          "epochs at lr 1e-4, weight decay 1e-4)")
+    qat.add_argument("--qat-bn-epochs", type=cli.non_negative_int, default=3,
+                     help="epochs after which BatchNorm statistics are frozen (torchvision: 3)")
+    qat.add_argument("--qat-observer-epochs", type=cli.non_negative_int, default=4,
+                     help="epochs after which activation ranges are frozen (torchvision: 4)")
+    qat.add_argument("--calibration-images", type=cli.positive_int, default=512,
+                     help="training images the INT8 file's activation ranges are set on (as quantize.py)")
     add_recipe_arguments(p)
 
     tl = p.add_argument_group("fine-tuning on your own images (finetune.py, image_folders.py)")
@@ -374,6 +395,13 @@ def check_args(args):
     if not (args.demo and not Path(args.data_dir).exists()) and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory (point it at the ImageNet root, "
                          "or try --demo)")
+    if args.qat is not None:
+        if not Path(args.qat).is_file():
+            raise UsageError(f"--qat {args.qat}: no such file; give the float weights to fine-tune")
+        for flag, given in (("--model-ema", args.model_ema), ("--fused-bn", args.fused_bn)):
+            if given:
+                raise UsageError(f"{flag} does not combine with --qat (its copies of the layers would not be "
+                                 "fake-quantized); drop it")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such file (or use --resume auto)")
     if args.tensorboard:
@@ -1254,6 +1282,7 @@ def train(args, context, stop, run_dir, on_step=None):
     start = restore(model, path, saved, args.start_epoch, data.num_classes, args.width_mult, args.batch_size,
                     data.train_images, context, log)
     del saved
+    qat = start_qat(model, args.qat, path is not None, args, log) if args.qat else None
     if start.epoch >= args.num_epochs:
         log(f"nothing to do: {start.epoch} epochs done, --num-epochs {args.num_epochs}")
         return 0
@@ -1272,6 +1301,10 @@ def train(args, context, stop, run_dir, on_step=None):
     best_acc1, metrics, step = start.best_acc1, start.metrics, start.step
     for epoch in range(start.epoch, args.num_epochs):
         meter = begin_epoch(epoch, step, start.ckpt, data, args.seed, context)
+        if qat is not None and epoch in (args.qat_bn_epochs, args.qat_observer_epochs):
+            log(f"QAT epoch {epoch + 1}: frozen {' and '.join(qat.start_epoch(epoch))}")
+        elif qat is not None:
+            qat.start_epoch(epoch)
         progress = Progress(context.is_main, data.steps_per_epoch, step, f"epoch {epoch + 1}/{args.num_epochs}",
                             args.print_freq)
         try:
@@ -1309,8 +1342,32 @@ def train(args, context, stop, run_dir, on_step=None):
 
     if tensorboard is not None:
         tensorboard.close()
+    if qat is not None and context.is_main:
+        export_qat(qat, save_path / "model.int8.onnx", data, args, log)
     log(f"done: {args.num_epochs} epochs, best val top-1 {best_acc1:.2f}%, checkpoints in {save_path}")
     return 0
+
+
+def start_qat(model, weights_path, resumed, args, log):
+    """--qat: load the float weights to start from (a resumed run has its own) and fake-quantize the model."""
+    if not resumed:
+        float_model = load_model(checkpoint.read_weights(weights_path), num_classes=args.num_classes,
+                                 width_mult=args.width_mult)
+        load_state_checked(model, float_model.state_dict(), weights_path)
+    log(f"quantization-aware training from {weights_path if not resumed else 'the resumed checkpoint'}: "
+        f"BatchNorm statistics frozen after {args.qat_bn_epochs} epochs, activation ranges after "
+        f"{args.qat_observer_epochs}")
+    return quantization.QuantizationAwareTraining(model, args.qat_bn_epochs, args.qat_observer_epochs)
+
+
+def export_qat(qat, path, data, args, log):
+    """The fine-tuned model as the INT8 ONNX file evaluate.py reads without flags."""
+    classes = data.classes
+    report = qat.export(path, data.train_loader.dataset.samples, data.preprocessing,
+                        {"order": classes.order, "wnids": list(classes.wnids), "names": list(classes.names)},
+                        args.calibration_images, data.batch_per_rank, args.num_workers, args.seed)
+    log(f"wrote {path}: INT8 {report['bytes'] / 1e6:.2f} MB (float {report['float_bytes'] / 1e6:.2f} MB); "
+        f"score it with: python evaluate.py --weights {path} --data-dir {args.data_dir}")
 
 
 def open_tensorboard(save_path):

@@ -11,6 +11,8 @@ Rows (ratio = ours / reference for speeds, reference / ours for latencies, so ab
   * evaluation: evaluate() on the inference-prepared model vs the same plain loop, logits within 1e-4
     (bench_eval.py);
   * batch-1 latency: the exported ONNX model in onnxruntime vs eager PyTorch (bench_eval.py);
+  * INT8: quantize.py's INT8 file vs the float model, both in onnxruntime: images/s and batch-1 latency
+    (bench_int8.py);
   * one real training epoch on the demo data (train.py's own loop and loader): the share of the epoch
     spent waiting for the next batch (ratio = that share; lower is better).
 On CUDA the training and evaluation rows use the GPU paths (AMP, channels_last, --compile on request),
@@ -39,6 +41,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_data  # noqa: E402
 import bench_eval  # noqa: E402
+import bench_int8  # noqa: E402
 import bench_train  # noqa: E402
 import distributed  # noqa: E402
 import read_ImageNetData as data  # noqa: E402
@@ -49,7 +52,7 @@ from evaluate import evaluate  # noqa: E402
 from inference import prepare_for_inference  # noqa: E402
 from MobileNetV2 import MobileNetV2  # noqa: E402
 
-SECTIONS = ("data", "train", "eval", "onnx", "epoch", "loader", "decode")
+SECTIONS = ("data", "train", "eval", "onnx", "int8", "epoch", "loader", "decode")
 # Settings per mode. quick: under two minutes on two busy cores, for smoke tests; default: stable medians.
 SETTINGS = {
     "quick": dict(data_repeats=1, data_limit=32, train_batch=8, train_size=128, train_steps=2, train_rounds=2,
@@ -97,6 +100,22 @@ def onnx_rows(s, log):
     note = f"{s['onnx_size']} px, onnxruntime CPU vs eager, max |diff| {r['max_abs_diff']:.1e}"
     return {"batch-1 latency, ONNX vs eager PyTorch": _row(r["ratio"], r["ours"], r["reference"], "ms", note)}, \
         r["max_abs_diff"]
+
+
+def int8_rows(s, log):
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log("onnxruntime not installed: no INT8 rows")
+        return {}
+    r = bench_int8.speed(s["eval_batch"], s["eval_size"], s["eval_repeats"], s["onnx_runs"], log=log)
+    t, lat = r["throughput"], r["latency"]
+    size = f"{r['bytes']['int8'] / 1e6:.1f} MB vs {r['bytes']['float'] / 1e6:.1f} MB"
+    return {"evaluation int8 (cpu)": _row(t["ratio"], t["ours"], t["reference"], "images/s",
+                                          f"batch {r['batch_size']} x {r['image_size']} px, INT8 QDQ vs float, both "
+                                          f"onnxruntime; file {size}"),
+            "batch-1 latency int8 (cpu)": _row(lat["ratio"], lat["ours"], lat["reference"], "ms",
+                                               f"{r['image_size']} px, INT8 vs float, both onnxruntime")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +361,7 @@ def run_suite(args, log=print):
                                         "fp32 NCHW eager") for name, r in train_rows.items()})
         parity("eval", section("eval", lambda: eval_rows_cuda(s, device)))
     parity("onnx", section("onnx", lambda: onnx_rows(s, log)))
+    rows.update(section("int8", lambda: int8_rows(s, log)) or {})
     # On the GPU the demo epoch runs as a real one would there: decoding in a few loader processes.
     workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
     rows.update(section("epoch", lambda: demo_epoch_rows(s, device, workers)) or {})

@@ -22,14 +22,18 @@ ALLOWED = {
     "distributed": {"cli"},
     "optimization": set(),
     "fused_batchnorm": {"MobileNetV2"},
-    "inference": {"checkpoint", "cli"},
+    "inference": {"checkpoint", "cli", "outputs"},
+    "quantization": {"checkpoint", "cli", "inference", "outputs", "read_ImageNetData"},
     "finetune": {"checkpoint", "cli", "inference", "read_ImageNetData", "weights"},
     "evaluate": {"checkpoint", "cli", "distributed", "image_folders", "inference", "outputs", "read_ImageNetData",
                  "weights"},
     "count_flops": {"checkpoint", "cli", "MobileNetV2", "weights"},
+    "quantize": {"checkpoint", "cli", "evaluate", "inference", "outputs", "quantization", "read_ImageNetData",
+                 "weights"},
     "gpu_data": {"read_ImageNetData"},
     "train": {"augment", "checkpoint", "cli", "distributed", "evaluate", "finetune", "fused_batchnorm", "gpu_data",
-              "image_folders", "MobileNetV2", "optimization", "outputs", "read_ImageNetData", "weights"},
+              "image_folders", "MobileNetV2", "optimization", "outputs", "quantization", "read_ImageNetData",
+              "weights"},
 }
 
 
@@ -72,7 +76,7 @@ def test_the_layers_have_no_cycle():
 
 
 def test_one_parser_and_one_error_type_serve_every_script():
-    for script in ("train", "evaluate", "count_flops", "read_ImageNetData"):
+    for script in ("train", "evaluate", "count_flops", "read_ImageNetData", "quantize"):
         source = (REPO / f"{script}.py").read_text()
         assert "cli.Parser(" in source, f"{script}.py builds its parser elsewhere"
         assert "argparse.ArgumentParser(" not in source

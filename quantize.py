@@ -1,0 +1,313 @@
+"""Quantize MobileNetV2 weights to INT8 for CPU deployment, and say what it costs and gains.
+
+    python quantize.py --weights output/best.pth --data-dir /data/imagenet --out mobilenet_v2.int8.onnx
+
+Post-training static quantization (`quantization.quantize_onnx`): BatchNorm folded, biases corrected for
+the weights' rounding, weights int8 per output channel, activations uint8 calibrated on
+--calibration-images training images read with the weights' own preprocessing. The file is ONNX
+Runtime's QDQ format and carries its class order, class names and preprocessing, so
+
+    python evaluate.py --weights mobilenet_v2.int8.onnx --data-dir /data/imagenet   # or image files
+
+scores and predicts with it exactly as with the weights it came from. This script prints float and INT8
+top-1 on the val images (or, without val images, on training images held out from the calibration),
+the file sizes and the speed of both in onnxruntime. Any weight file evaluate.py reads is accepted.
+"""
+import argparse
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import cli
+import evaluate
+import inference
+import outputs
+import quantization
+from cli import UsageError
+from read_ImageNetData import (INTERPOLATIONS, DataError, EvalSampler, ImageNetDataset, build_loader, eval_transform,
+                               find_layout, list_samples, normalize, read_classes)
+from weights import DOWNLOADABLE, PRETRAINED_DIR
+
+# A default to revisit on ImageNet weights (README, "INT8 for CPUs and phones": not yet measured there).
+DEFAULT_CALIBRATION_IMAGES = 512
+DEFAULT_METHOD = "minmax"
+HELD_OUT_IMAGES = 1000  # scored when the data has no val images and --max-images is not given
+
+
+class QuantizeError(cli.ScriptError, RuntimeError):
+    """Something found while running (data that does not fit the weights): exit code 1."""
+
+
+def get_args_parser(add_help=True):
+    p = cli.Parser(prog="quantize.py", add_help=add_help,
+                   description="Post-training INT8 quantization of MobileNetV2 weights into an ONNX (QDQ) file "
+                               "that evaluate.py scores without flags; prints float and INT8 accuracy, size and "
+                               "speed.")
+    p.add_argument("--weights", required=True,
+                   help="weight file or checkpoint of any public layout (as evaluate.py), or a named public "
+                        "file: " + ", ".join(DOWNLOADABLE))
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a checkpoint")
+    p.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=None,
+                   help="classes the weights must have (default: read from the file)")
+    p.add_argument("--width-mult", type=cli.positive_float, default=None,
+                   help="width the weights must have (default: read from the file)")
+    p.add_argument("--pretrained-dir", type=Path, default=PRETRAINED_DIR,
+                   help="where named public weights are stored")
+    p.add_argument("--out", type=Path, default=None, help="the INT8 ONNX file to write (*.onnx)")
+
+    data = p.add_argument_group("data (named as in evaluate.py)")
+    data.add_argument("--data-dir", type=Path, required=True,
+                      help="ImageNet root: calibration images come from train/, scores from val/ (without "
+                           "train images, a part of val calibrates and the rest is scored)")
+    data.add_argument("--calibration-images", type=cli.positive_int, default=DEFAULT_CALIBRATION_IMAGES,
+                      help="training images the activation ranges are calibrated on, drawn at random with "
+                           f"--seed (default {DEFAULT_CALIBRATION_IMAGES}; not yet measured on ImageNet weights here: "
+                           "bench/bench_int8.py --weights W --data-dir D compares counts)")
+    data.add_argument("--max-images", type=cli.positive_int, default=None,
+                      help="score float and INT8 on only the first N val images (default: all; without val "
+                           f"images, {HELD_OUT_IMAGES} held-out training images)")
+    data.add_argument("--batch-size", "-b", type=cli.positive_int, default=32,
+                      help="batch size for calibration, scoring and the speed measurement")
+    data.add_argument("--num-workers", "--workers", "-j", dest="num_workers", type=cli.non_negative_int,
+                      default=min(8, os.cpu_count() or 1), help="loader processes (default: min(8, CPU count))")
+    data.add_argument("--class-order", choices=("sorted", "devkit"), default=None,
+                      help="label order of weights that do not record one (as evaluate.py)")
+    data.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the calibration draw")
+
+    pre = p.add_argument_group("preprocessing (default: the checkpoint's, else the published one of a recognised "
+                               "file, else torchvision's 256 / 224 / bilinear / ImageNet statistics)")
+    pre.add_argument("--resize", type=cli.positive_int, default=None, help="shorter side before the centre crop")
+    pre.add_argument("--input-size", "--crop", dest="input_size", type=cli.positive_int, default=None,
+                     help="centre crop = network input size")
+    pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
+    pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
+    pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
+
+    q = p.add_argument_group("quantization (bench/bench_int8.py compares the choices on given weights; README "
+                                 "'INT8 for CPUs and phones')")
+    q.add_argument("--calibration-method", choices=sorted(quantization.CALIBRATION_METHODS), default=DEFAULT_METHOD,
+                   help="how activation ranges are set from the calibration images (onnxruntime's "
+                        "calibrators; percentile keeps 99.999%%)")
+    q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the mean shift that rounding the weights causes out of each layer's bias")
+
+    out = p.add_argument_group("outputs")
+    out.add_argument("--export-pte", type=Path, default=None,
+                     help="also write an INT8 ExecuTorch program for phones here (XNNPACK delegate, one image per "
+                          "call), checked with ExecuTorch's runtime; needs pip install executorch")
+    out.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    out.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args):
+    """Run what the flags ask for; return the results dict. Errors end in one line and a non-zero exit."""
+    try:
+        return run(args)
+    except cli.ScriptError as e:
+        raise SystemExit(cli.report(e, "quantize.py")) from None
+
+
+def run(args):
+    log = cli.logger(True)
+    if args.out is None and args.export_pte is None:
+        raise UsageError("nothing to write: give --out model.int8.onnx and/or --export-pte model.int8.pte")
+    if args.out is not None and args.out.suffix.lower() != ".onnx":
+        raise UsageError(f"--out {args.out}: name the file *.onnx, so evaluate.py reads it as ONNX")
+    if not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir}: no such directory")
+    if inference.is_onnx_file(args.weights):
+        raise UsageError(f"--weights {args.weights}: quantize.py takes PyTorch weights (it folds and corrects them "
+                         "before quantizing); pass the checkpoint the ONNX file was exported from")
+    path, raw, digest, _, entry = evaluate.resolve_weights(args, log)
+    meta = checkpoint.meta(raw)
+    model = evaluate.build_model(args, raw)
+    del raw
+    pre, pre_source = evaluate.resolve_preprocessing(args, meta, entry)
+    order = evaluate.resolve_class_order(args, meta, entry, log)
+    classes = read_data_classes(args.data_dir, order, model.config["num_classes"], meta)
+    log(f"weights {path} (width {model.config['width_mult']:g}, {model.config['num_classes']} classes, {order} "
+        f"class order); preprocessing resize {pre['resize']}, crop {pre['input_size']}, {pre['interpolation']}, "
+        f"mean {pre['mean']}, std {pre['std']} ({pre_source})")
+
+    calibration_samples, scored_samples, scored_on = split_images(args.data_dir, classes, args.calibration_images,
+                                                                  args.max_images, args.seed, log)
+    transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
+    calibration = quantization.CalibrationImages(calibration_samples, transform, pre, args.batch_size,
+                                               args.num_workers)
+    scored = ImageNetDataset(scored_samples, transform, train=False)
+    recipe = {"calibration_method": args.calibration_method, "bias_correction": args.bias_correction,
+              "calibration_images": len(calibration_samples), "calibration_seed": args.seed,
+              "weights": "int8, symmetric, one scale per output channel", "source_sha256": digest}
+
+    def metadata(activations):
+        return inference.deployment_metadata(
+            {"order": order, "wnids": list(classes.wnids), "names": list(classes.names)}, pre, dict(model.config),
+            int8=dict(recipe, activations=activations))
+
+    result = {"weights": str(path), "sha256": digest, "model_config": dict(model.config), "class_order": order,
+              "preprocessing": pre, "recipe": recipe}
+    float_model = inference.OnnxRuntimeModel(model, pre["input_size"])
+    int8_models = {}
+    if args.out is not None:
+        start = time.perf_counter()
+        report = quantization.quantize_onnx(model, calibration, args.out, pre["input_size"], args.calibration_method,
+                                            args.bias_correction, metadata("uint8, one scale per tensor"))
+        log(f"wrote {args.out}: INT8 {report['bytes'] / 1e6:.2f} MB (float {report['float_bytes'] / 1e6:.2f} MB), "
+            f"calibrated on {calibration.used} images ({args.calibration_method}"
+            f"{', bias correction on %d layers' % report['corrected_layers'] if args.bias_correction else ''}) "
+            f"in {time.perf_counter() - start:.0f} s")
+        result["onnx"] = report
+        int8_models["INT8 ONNX"] = inference.OnnxFileModel(args.out)
+    if args.export_pte is not None:
+        result["pte"] = write_pte(model, calibration, scored, pre, args, metadata("int8, one scale per tensor"), log)
+        int8_models["INT8 ExecuTorch"] = inference.ExecuTorchModel(args.export_pte.read_bytes())
+    if calibration.failed:
+        log(f"warning: {calibration.failed} calibration images did not decode and were left out")
+    result["calibration_images"] = calibration.used
+
+    result["accuracy"] = compare_accuracy(float_model, int8_models, scored, pre, args, scored_on, log)
+    if not args.no_speed and args.out is not None:
+        result["speed"] = compare_speed(float_model, int8_models["INT8 ONNX"], args.batch_size, pre["input_size"],
+                                        log)
+    if args.json:
+        evaluate.write_output(args.json, outputs.write_json, result)
+    return result
+
+
+def write_pte(model, calibration, scored, pre, args, metadata, log):
+    """The INT8 ExecuTorch program, run by ExecuTorch's runtime on a few of the scored images beside the
+    quantized model in PyTorch. XNNPACK rounds differently from PyTorch's reference arithmetic, so the two
+    are not equal (on the test digits ExecuTorch's largest error was 7% of the largest logit, PyTorch's 3%);
+    the program is refused when its error against the float model is both over twice PyTorch's and over
+    10% of the largest logit (a broken lowering is off by the logits' size)."""
+    start = time.perf_counter()
+    quantized = quantization.quantize_pt2e(model, calibration, pre["input_size"], args.bias_correction)
+    images = torch.stack([scored[i][0] for i in range(min(8, len(scored)))])
+    x = normalize(images, pre["mean"], pre["std"])
+    diff = inference.export_pte(quantized, args.export_pte, pre["input_size"], metadata=metadata, check_inputs=x)
+    program = inference.ExecuTorchModel(args.export_pte.read_bytes())
+    with torch.no_grad():
+        want = model.eval()(x)
+        error = {"pytorch": (quantized(x) - want).abs().max().item(), "executorch": (program(x) - want).abs().max().item()}
+    size = args.export_pte.stat().st_size
+    log(f"wrote {args.export_pte}: INT8 ExecuTorch program (XNNPACK) {size / 1e6:.2f} MB in "
+        f"{time.perf_counter() - start:.0f} s; largest logit error against the float model: {error['executorch']:.3f} "
+        f"run by ExecuTorch, {error['pytorch']:.3f} in PyTorch (largest logit {want.abs().max().item():.1f})")
+    if not error["executorch"] <= max(2 * error["pytorch"], 0.1 * want.abs().max().item()):
+        raise quantization.QuantizationError(
+            f"{args.export_pte}: run by ExecuTorch its logits are off by {error['executorch']:.3f}, against "
+            f"{error['pytorch']:.3f} for the same INT8 model in PyTorch; do not deploy it")
+    return {"path": str(args.export_pte), "bytes": size, "max_abs_diff_to_pytorch_int8": diff,
+            "max_abs_error": error["executorch"], "max_abs_error_pytorch_int8": error["pytorch"]}
+
+
+def read_data_classes(data_dir, order, num_classes, meta):
+    """The data's classes in the weights' order, checked against the weights as evaluate.py checks them."""
+    classes = read_classes(find_layout(data_dir), order)
+    if len(classes.wnids) != num_classes:
+        raise QuantizeError(f"the weights have {num_classes} classes but {data_dir} lists {len(classes.wnids)}; "
+                            "use weights trained on this data")
+    saved = (meta.get("classes") or {}).get("wnids")
+    if saved and list(saved) != list(classes.wnids):
+        first = next(i for i, (a, b) in enumerate(zip(saved, classes.wnids)) if a != b)
+        raise QuantizeError(f"the checkpoint's class {first} is {saved[first]} but {data_dir} puts "
+                            f"{classes.wnids[first]} there; the devkit differs from the training one")
+    return classes
+
+
+def split_images(data_dir, classes, calibration_images, max_images, seed, log):
+    """(calibration samples, scored samples, what the scored ones are). Calibration images are a seeded
+    random draw from train; the scores come from val, or, when there is none, from other training
+    images; with no train images, val is split in two. The two sets never share an image."""
+    layout = find_layout(data_dir)
+    train = list_samples(layout, "train", classes) if layout.train_dir else []
+    labelled_val = layout.val_dir and (layout.ground_truth or not layout.val_flat)
+    val = list_samples(layout, "val", classes) if labelled_val else []
+    rng = random.Random(seed)
+    if train:
+        pool = train[:]
+        rng.shuffle(pool)
+        calibration = pool[:calibration_images]
+        if val:
+            scored, scored_on = val[:max_images] if max_images else val, "val"
+        else:
+            scored = pool[len(calibration):][:max_images or HELD_OUT_IMAGES]
+            scored_on = "held-out train"
+    elif val:
+        pool = val[:]
+        rng.shuffle(pool)
+        calibration = pool[:min(calibration_images, len(pool) // 2)]
+        rest = sorted(pool[len(calibration):])
+        scored, scored_on = rest[:max_images] if max_images else rest, "val (not the calibration part)"
+        log(f"note: no training images in {data_dir}: calibrating on {len(calibration)} val images, scoring the "
+            "others")
+    else:
+        raise DataError(f"--data-dir {data_dir}: no training or validation images found")
+    if len(calibration) < calibration_images:
+        log(f"note: --calibration-images {calibration_images}, but only {len(calibration)} images are available; "
+            "calibrating on those")
+    return calibration, scored, scored_on
+
+
+def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, log):
+    """Top-1/top-5 of the float model and each INT8 one on the same images, and how often each INT8
+    model's top-1 class is the float model's."""
+    loader = build_loader(dataset, args.batch_size, EvalSampler(len(dataset)), num_workers=args.num_workers)
+    scores, first = {}, {}
+    for name, model in {"float": float_model, **int8_models}.items():
+        stats = evaluate.evaluate(model, loader, "cpu", mean=pre["mean"], std=pre["std"], channels_last=False,
+                                  progress=not args.no_progress, collect_predictions=True)
+        first[name] = [p["top5"][0] for p in stats.pop("predictions")]
+        scores[name] = stats
+    f = scores["float"]
+    log(f"on {f['images']} {scored_on} images: float top-1 {f['top1']:.3f}% top-5 {f['top5']:.3f}%")
+    for name in int8_models:
+        q = scores[name]
+        q["top1_agreement"] = 100.0 * sum(a == b for a, b in zip(first["float"], first[name])) / max(1, f["images"])
+        log(f"  {name}: top-1 {q['top1']:.3f}% ({q['top1'] - f['top1']:+.3f} points) top-5 {q['top5']:.3f}%; "
+            f"same top-1 class as float on {q['top1_agreement']:.2f}% of the images")
+    if f["failed"]:
+        log(f"warning: {f['failed']} images did not decode and were scored as misses by all")
+    return {"scored_on": scored_on, "images": f["images"], **scores}
+
+
+def compare_speed(float_model, int8_model, batch_size, input_size, log, repeats=5, latency_runs=20):
+    """images/s at `batch_size` and batch-1 latency of both models in onnxruntime, on the same random input,
+    timed in turn (medians) so that other load on the machine slows both alike."""
+    generator = torch.Generator().manual_seed(0)
+    result = {"threads": torch.get_num_threads(), "batch_size": batch_size, "input_size": input_size}
+    for batch, runs, key in ((batch_size, repeats, "batch"), (1, latency_runs, "latency")):
+        x = torch.randn(batch, 3, input_size, input_size, generator=generator)
+        times = {"float": [], "int8": []}
+        for model in (float_model, int8_model):
+            model(x)  # first-run allocations
+        for _ in range(runs):
+            for name, model in (("float", float_model), ("int8", int8_model)):
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        if key == "batch":
+            result["float_images_per_s"] = batch / seconds["float"]
+            result["int8_images_per_s"] = batch / seconds["int8"]
+        else:
+            result["float_latency_ms"] = 1000 * seconds["float"]
+            result["int8_latency_ms"] = 1000 * seconds["int8"]
+    result["throughput_ratio"] = result["int8_images_per_s"] / result["float_images_per_s"]
+    result["latency_ratio"] = result["float_latency_ms"] / result["int8_latency_ms"]
+    log(f"speed in onnxruntime, {result['threads']} threads, {input_size} px: batch {batch_size} float "
+        f"{result['float_images_per_s']:.1f} images/s, INT8 {result['int8_images_per_s']:.1f} images/s "
+        f"({result['throughput_ratio']:.2f}x); batch 1 float {result['float_latency_ms']:.2f} ms, INT8 "
+        f"{result['int8_latency_ms']:.2f} ms ({result['latency_ratio']:.2f}x)")
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
