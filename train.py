@@ -1274,37 +1274,23 @@ def train(args, context, stop, run_dir, on_step=None):
     run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
     data = build_data_for(args, saved, context, log)
 
-    checkpoint.seed_everything(args.seed)
-    model = MobileNetV2(num_classes=data.num_classes, width_mult=args.width_mult, dropout=args.dropout,
-                        drop_path=args.drop_path)
-    finetune.start_from(model, args.pretrained if path is None else None, data.classes, log)
-    check_compatible(path, saved, data, data.num_classes, args.width_mult, args.model_ema, log)
-    start = restore(model, path, saved, args.start_epoch, data.num_classes, args.width_mult, args.batch_size,
-                    data.train_images, context, log)
+    model, start, qat = build_model(args, data, path, saved, context, log)
     del saved
-    qat = start_qat(model, args.qat, path is not None, args, log) if args.qat else None
     if start.epoch >= args.num_epochs:
         log(f"nothing to do: {start.epoch} epochs done, --num-epochs {args.num_epochs}")
         return 0
     learner = build_learner(model, args, start, context, log)
     learner, data = probe_on_cached_features(learner, data, args, context, log)
     tensorboard = open_tensorboard(save_path) if context.is_main and args.tensorboard else None
-    log(f"MobileNetV2 width {args.width_mult:g}, {data.num_classes} classes, {args.train_crop_size} px train, "
-        f"{args.val_resize_size}/{args.val_crop_size} px val | "
-        f"{data.train_images} train / {data.val_images} val images | {context.world_size} process(es) on "
-        f"{context.device.type}: global batch {args.batch_size} = {context.world_size} x {data.batch_per_rank}"
-        + (f" in {args.accum_steps} passes" if args.accum_steps > 1 else "") + ", "
-        f"{data.steps_per_epoch} steps/epoch | amp "
-        f"{str(learner.amp_dtype).replace('torch.', '') if learner.amp_dtype else 'off'}, "
-        f"channels_last {args.channels_last}, compile {args.compile}")
+    log(run_summary(args, data, learner, context))
 
     best_acc1, metrics, step = start.best_acc1, start.metrics, start.step
     for epoch in range(start.epoch, args.num_epochs):
         meter = begin_epoch(epoch, step, start.ckpt, data, args.seed, context)
-        if qat is not None and epoch in (args.qat_bn_epochs, args.qat_observer_epochs):
-            log(f"QAT epoch {epoch + 1}: frozen {' and '.join(qat.start_epoch(epoch))}")
-        elif qat is not None:
-            qat.start_epoch(epoch)
+        if qat is not None:
+            frozen = qat.start_epoch(epoch)
+            if epoch in (args.qat_bn_epochs, args.qat_observer_epochs):
+                log(f"QAT epoch {epoch + 1}: frozen {' and '.join(frozen)}")
         progress = Progress(context.is_main, data.steps_per_epoch, step, f"epoch {epoch + 1}/{args.num_epochs}",
                             args.print_freq)
         try:
@@ -1346,6 +1332,32 @@ def train(args, context, stop, run_dir, on_step=None):
         export_qat(qat, save_path / "model.int8.onnx", data, args, log)
     log(f"done: {args.num_epochs} epochs, best val top-1 {best_acc1:.2f}%, checkpoints in {save_path}")
     return 0
+
+
+def build_model(args, data, path, saved, context, log):
+    """The network to train: seeded and fresh, or from --pretrained, or the checkpoint being resumed
+    (`path`, `saved`), fake-quantized for --qat. Returns (model, Start, the QAT state or None)."""
+    checkpoint.seed_everything(args.seed)
+    model = MobileNetV2(num_classes=data.num_classes, width_mult=args.width_mult, dropout=args.dropout,
+                        drop_path=args.drop_path)
+    finetune.start_from(model, args.pretrained if path is None else None, data.classes, log)
+    check_compatible(path, saved, data, data.num_classes, args.width_mult, args.model_ema, log)
+    start = restore(model, path, saved, args.start_epoch, data.num_classes, args.width_mult, args.batch_size,
+                    data.train_images, context, log)
+    qat = start_qat(model, args.qat, path is not None, args, log) if args.qat else None
+    return model, start, qat
+
+
+def run_summary(args, data, learner, context):
+    """The run's first line after set-up: model, data, processes, batch, precision."""
+    amp = str(learner.amp_dtype).replace("torch.", "") if learner.amp_dtype else "off"
+    return (f"MobileNetV2 width {args.width_mult:g}, {data.num_classes} classes, {args.train_crop_size} px train, "
+            f"{args.val_resize_size}/{args.val_crop_size} px val | {data.train_images} train / {data.val_images} "
+            f"val images | {context.world_size} process(es) on {context.device.type}: global batch "
+            f"{args.batch_size} = {context.world_size} x {data.batch_per_rank}"
+            + (f" in {args.accum_steps} passes" if args.accum_steps > 1 else "")
+            + f", {data.steps_per_epoch} steps/epoch | amp {amp}, channels_last {args.channels_last}, "
+            f"compile {args.compile}")
 
 
 def start_qat(model, weights_path, resumed, args, log):
