@@ -63,23 +63,26 @@ def pretrained_path(name_or_path, directory, log=print):
 
 
 def resolve(args, log=print):
-    """A copy of `args` with --pretrained made a verified path and what the file brings filled in where no
-    flag said: its width, and its mean/std (a checkpoint's own, else those of a public file recognised by
-    sha256, else ImageNet's). Without --pretrained: ImageNet's mean/std where none were given."""
+    """A copy of `args` with --pretrained made a verified path and what that file (or --qat's) brings filled
+    in where no flag said: its width, and its mean/std (a checkpoint's own, else those of a public file
+    recognised by sha256, else ImageNet's). Without either: ImageNet's mean/std where none were given."""
     args = copy.copy(args)
     pre = {}
-    if args.pretrained:
-        path = pretrained_path(args.pretrained, args.pretrained_dir, log)
+    qat = getattr(args, "qat", None)  # train.py --qat WEIGHTS: the float weights it starts from bring the same
+    if args.pretrained or qat:
+        path = pretrained_path(args.pretrained, args.pretrained_dir, log) if args.pretrained else Path(qat)
         name, entry = known_weights(sha256_of(path))
         data = checkpoint.read_weights(path)
         try:
             _, width = file_config(data)
         except WeightsError as e:
-            raise WeightsError(f"--pretrained {path}: {e}") from None
+            raise WeightsError(f"--{'pretrained' if args.pretrained else 'qat'} {path}: {e}") from None
         pre = (checkpoint.meta(data).get("data") or (entry or {}).get("preprocessing") or {})
         if name:
-            log(f"--pretrained: recognised {name} weights by sha256; their mean/std come along")
-        args.pretrained = str(path)
+            log(f"--{'pretrained' if args.pretrained else 'qat'}: recognised {name} weights by sha256; their "
+                "mean/std come along")
+        if args.pretrained:
+            args.pretrained = str(path)
         if args.width_mult is None:
             args.width_mult = width
     if args.width_mult is None:

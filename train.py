@@ -69,7 +69,7 @@ DEMO_METHOD = ("lr", "lr_schedule", "warmup_epochs")
 # SGD momentum 0.9, lr 1e-4 held for its 10 epochs, weight decay 1e-4). The fused BatchNorm kernel would
 # replace the BatchNorm layers the fake quantization reads.
 QAT_SETTINGS = {"num_epochs": 10, "lr": 1e-4, "weight_decay": 1e-4, "lr_schedule": "step", "lr_step_size": 30.0,
-                "lr_gamma": 0.1, "fused_bn": False}
+                "lr_gamma": 0.1, "fused_bn": False, "width_mult": None}  # the width: the file's
 
 
 class TrainingError(cli.ScriptError, RuntimeError):

@@ -318,15 +318,16 @@ def test_without_executorch_export_pte_is_one_line_naming_the_package(weights, d
 
 @pytest.fixture(scope="module")
 def qat_run(weights, data, tmp_path_factory):
-    """train.py --qat from the digits weights: 2 epochs, BatchNorm statistics frozen after 1 and
-    activation ranges after 1 (the recipe's 3 and 4, scaled down), lr 1e-4 (the recipe's)."""
+    """train.py --qat from the digits weights (width 0.35, taken from the file): 2 epochs, BatchNorm
+    statistics frozen after 1 and activation ranges after 1 (the recipe's 3 and 4, scaled down), lr 1e-4
+    (the recipe's)."""
     import train
     out = tmp_path_factory.mktemp("qat")
     environ = dict(os.environ)
     try:
         code = run_main_quiet(train, ["--qat", weights["path"], "--data-dir", data, "--save-path", out,
                                       "--num-epochs", 2, "--qat-bn-epochs", 1, "--qat-observer-epochs", 1,
-                                      "--width-mult", 0.35, "--input-size", SIZE, "--val-resize-size", RESIZE,
+                                      "--input-size", SIZE, "--val-resize-size", RESIZE,  # the width: the file's
                                       "--batch-size", 32, "--num-workers", 0, "--device", "cpu",
                                       "--calibration-images", 64])
     finally:  # importing torch._dynamo (PyTorch's optimizers do) sets TORCHINDUCTOR_CACHE_DIR
