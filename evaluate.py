@@ -474,6 +474,22 @@ def resolve_class_order(args, meta, entry, log):
     return entry["class_order"] if entry else "sorted"
 
 
+def deployed_classes(args, meta, order, num_classes):
+    """The classes an exported file carries ({"order", "wnids", "names"}): a folder-trained checkpoint's
+    names exactly as the folders spell them (files are matched to folders by them), else `class_names`."""
+    saved = meta.get("classes") or {}
+    if saved.get("order") == image_folders.FOLDER_ORDER and len(saved.get("names") or []) == num_classes:
+        return {"order": saved["order"], "wnids": None, "names": list(saved["names"])}
+    wnids, names = class_names(args, meta, order, num_classes)
+    return {"order": order, "wnids": wnids if all(wnids) else None, "names": names}
+
+
+def deployed_preprocessing(pre, meta):
+    """The preprocessing an exported file carries, with the images a folder run held out for validation."""
+    split = (meta.get("data") or {}).get("val_split")
+    return dict(pre, val_split=split) if split else dict(pre)
+
+
 def class_names(args, meta, order, num_classes):
     """(wnids, names) in the model's label order: the devkit's meta.mat when --data-dir has one, else the
     names saved with a checkpoint, else torchvision's list (sorted order only), else placeholders."""
@@ -571,9 +587,8 @@ def _run(args, device, rank, world, log):
               "class_order": order, "preprocessing": pre}
 
     if (args.export_onnx or args.export_torchscript or args.export_pte) and rank == 0:
-        wnids, names = class_names(args, meta, order, num_classes)
-        deployed = inference.deployment_metadata({"order": order, "wnids": wnids if all(wnids) else None,
-                                                  "names": names}, pre, dict(model.config))
+        deployed = inference.deployment_metadata(deployed_classes(args, meta, order, num_classes),
+                                                 deployed_preprocessing(pre, meta), dict(model.config))
         result["export"] = run_exports(model, args.export_onnx, args.export_torchscript, pre["input_size"],
                                        args.opset, args.export_tolerance, log, deployed, args.export_pte)
     fast, channels_last, backend = fast_model(model, device, pre["input_size"], args.batch_size, args.amp,

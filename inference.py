@@ -348,7 +348,7 @@ METADATA_FORMAT = "mobilenetv2-deployment"
 MAX_ONNX_BYTES = 1 << 30       # a float width-1.4 MobileNetV2 is 25 MB; protobuf itself stops at 2 GB
 MAX_METADATA_CHARS = 1 << 22   # 1000 class names and WNIDs take about 40 kB
 ONNX_DOMAINS = ("", "ai.onnx", "com.microsoft")  # the standard operators and onnxruntime's own kernels
-CLASS_ORDERS = ("sorted", "devkit")
+CLASS_ORDERS = ("sorted", "devkit", "folders")  # folders: sorted class-folder names (image_folders.py)
 
 
 def is_onnx_file(path):
@@ -435,6 +435,13 @@ def _check_metadata(meta, path, num_classes):
             if not isinstance(data["interpolation"], str):
                 raise bad("has an interpolation that is not a name")
             checked["interpolation"] = data["interpolation"][:40]
+        split = data.get("val_split")  # the images a folder run held out: evaluate.py scores exactly them
+        if split is not None:
+            if not (isinstance(split, dict) and isinstance(split.get("files"), list)
+                    and all(isinstance(f, str) for f in split["files"])
+                    and isinstance(split.get("fraction", 0), (int, float))):
+                raise bad("has a val_split that is not a list of file names")
+            checked["val_split"] = {"fraction": split.get("fraction", 0), "files": split["files"]}
         out["data"] = checked
     config = meta.get("model_config")
     if isinstance(config, dict):

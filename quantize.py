@@ -25,12 +25,13 @@ import torch
 import checkpoint
 import cli
 import evaluate
+import image_folders
 import inference
 import outputs
 import quantization
 from cli import UsageError
-from read_ImageNetData import (INTERPOLATIONS, DataError, EvalSampler, ImageNetDataset, build_loader, eval_transform,
-                               find_layout, list_samples, normalize, read_classes)
+from read_ImageNetData import (INTERPOLATIONS, DataError, EvalSampler, ImageNetDataset, build_loader,
+                               eval_transform, find_layout, list_samples, normalize, read_classes)
 from weights import DOWNLOADABLE, PRETRAINED_DIR
 
 # Chosen on the demo checkpoint with bench/bench_int8.py (README, "INT8 for CPUs and phones"): 512 images
@@ -133,13 +134,23 @@ def run(args):
     del raw
     pre, pre_source = evaluate.resolve_preprocessing(args, meta, entry)
     order = evaluate.resolve_class_order(args, meta, entry, log)
-    classes = read_data_classes(args.data_dir, order, model.config["num_classes"], meta)
+    folders = not image_folders.is_imagenet_layout(args.data_dir)  # a folder of classes (image_folders.py)
+    if folders:
+        deployed = evaluate.deployed_classes(args, meta, order, model.config["num_classes"])
+    else:
+        classes = read_data_classes(args.data_dir, order, model.config["num_classes"], meta)
+        deployed = {"order": order, "wnids": list(classes.wnids), "names": list(classes.names)}
     log(f"weights {path} (width {model.config['width_mult']:g}, {model.config['num_classes']} classes, {order} "
         f"class order); preprocessing resize {pre['resize']}, crop {pre['input_size']}, {pre['interpolation']}, "
         f"mean {pre['mean']}, std {pre['std']} ({pre_source})")
 
-    calibration_samples, scored_samples, scored_on = split_images(args.data_dir, classes, args.calibration_images,
-                                                                  args.max_images, args.seed, log)
+    if folders:
+        calibration_samples, scored_samples, scored_on = folder_images(
+            args.data_dir, meta, model.config["num_classes"], order, args.calibration_images, args.max_images,
+            args.seed, log)
+    else:
+        calibration_samples, scored_samples, scored_on = split_images(
+            args.data_dir, classes, args.calibration_images, args.max_images, args.seed, log)
     transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
     calibration = quantization.CalibrationImages(calibration_samples, transform, pre, args.batch_size,
                                                args.num_workers)
@@ -150,7 +161,7 @@ def run(args):
 
     def metadata(activations):
         return inference.deployment_metadata(
-            {"order": order, "wnids": list(classes.wnids), "names": list(classes.names)}, pre, dict(model.config),
+            deployed, evaluate.deployed_preprocessing(pre, meta), dict(model.config),
             int8=dict(recipe, activations=activations))
 
     result = {"weights": str(path), "sha256": digest, "model_config": dict(model.config), "class_order": order,
@@ -222,6 +233,39 @@ def read_data_classes(data_dir, order, num_classes, meta):
         raise QuantizeError(f"the checkpoint's class {first} is {saved[first]} but {data_dir} puts "
                             f"{classes.wnids[first]} there; the devkit differs from the training one")
     return classes
+
+
+def folder_images(data_dir, meta, num_classes, order, calibration_images, max_images, seed, log):
+    """split_images for a folder of classes (image_folders.py): scored on val/, or on the images the
+    checkpoint held out (--val-split), labelled by class name as evaluate.py labels them; calibrated on a
+    seeded draw of the other images. When every image is to be scored, they are split in two."""
+    scored, _ = image_folders.scoring_samples(
+        data_dir, lambda names: image_folders.model_index(names, meta.get("classes"), num_classes, order, log),
+        (meta.get("data") or {}).get("val_split"), log)
+    layout = image_folders.find_folder_layout(data_dir)
+    held = {path for path, _ in scored}
+    pool = []
+    if layout.train_dir is not None and layout.train_dir != layout.val_dir:
+        found, _ = image_folders.scan_classes(layout.train_dir)
+        pool = [str(layout.train_dir / f) for c in sorted(found) for f in sorted(found[c])]
+        pool = [p for p in pool if p not in held]
+    rng = random.Random(seed)
+    scored_on = "val" if layout.val_dir is not None else "held-out"
+    if not pool:  # nothing but the images to score: calibrate on half of them, score the other half
+        shuffled = scored[:]
+        rng.shuffle(shuffled)
+        take = min(calibration_images, len(shuffled) // 2)
+        pool, chosen = [p for p, _ in shuffled[:take]], {p for p, _ in shuffled[:take]}
+        scored = [(p, label) for p, label in scored if p not in chosen]
+        scored_on += " (not the calibration part)"
+        log(f"note: no other images in {data_dir}: calibrating on {take} of the images to score, scoring the rest")
+    else:
+        rng.shuffle(pool)
+    calibration = [(p, 0) for p in pool[:calibration_images]]  # calibration reads no label
+    if len(calibration) < calibration_images:
+        log(f"note: --calibration-images {calibration_images}, but only {len(calibration)} images are available; "
+            "calibrating on those")
+    return calibration, scored[:max_images] if max_images else scored, scored_on
 
 
 def split_images(data_dir, classes, calibration_images, max_images, seed, log):

@@ -263,3 +263,34 @@ def test_load_matching_takes_what_fits_and_names_a_width_that_does_not(tmp_path)
     assert torch.equal(model.classifier[1].weight, init)
     with pytest.raises(weights.WeightsError, match=r"width 0.25 MobileNetV2\); pass --width-mult 0.25"):
         weights.load_matching(MobileNetV2(num_classes=3, width_mult=0.5), tmp_path / "imagenet.pth")
+
+
+def test_a_folder_trained_checkpoint_exports_and_quantizes_with_its_names_and_held_out_images(finetuned, photos,
+                                                                                               tmp_path):
+    """The float ONNX export and quantize.py's INT8 file of a fine-tuned checkpoint carry the folder names and
+    the held-out images: evaluate.py scores each file on exactly those images, by name, with no flags;
+    quantize.py calibrates on the other images and scores the held-out ones."""
+    import quantize
+    out, tuned = finetuned
+    names = sorted(ODD_NAMES.values())
+    float_file, int8_file = tmp_path / "tuned.onnx", tmp_path / "tuned.int8.onnx"
+    assert run_main(evaluate, evaluate.get_args_parser().parse_args(
+        ["--weights", str(out / "last.pth"), "--export-onnx", str(float_file), "--num-workers", "0"])) == 0
+    made = quantize.main(quantize.get_args_parser().parse_args(
+        ["--weights", str(out / "last.pth"), "--data-dir", str(photos), "--out", str(int8_file),
+         "--calibration-images", "32", "--num-workers", "0", "--no-speed", "--no-progress"]))
+    assert made["calibration_images"] == 32
+    assert made["accuracy"]["images"] == 80 and made["accuracy"]["scored_on"] == "held-out"
+    float_top1 = tuned["metrics"][-1]["val_top1"]
+    assert made["accuracy"]["float"]["top1"] == pytest.approx(float_top1, abs=1e-6)
+    for path in (float_file, int8_file):
+        result = evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--weights", str(path), "--data-dir", str(photos), "--num-workers", "0", "--no-progress",
+             "--per-class", "-"]))
+        assert result["images"] == 80, path
+        assert [row["name"] for row in result["per_class"]] == names
+        assert all(row["count"] == 8 for row in result["per_class"])
+        if path == float_file:
+            assert result["top1"] == pytest.approx(float_top1, abs=1e-6)
+        else:
+            assert result["top1"] == pytest.approx(made["accuracy"]["INT8 ONNX"]["top1"], abs=1e-6)
