@@ -326,7 +326,9 @@ def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, lo
 
 def compare_speed(float_model, int8_model, batch_size, input_size, log, repeats=5, latency_runs=20):
     """images/s at `batch_size` and batch-1 latency of both models in onnxruntime, on the same random input,
-    timed in turn (medians) so that other load on the machine slows both alike."""
+    timed in turn (medians) so that other load on the machine slows both alike, each timed run after 0.1 s of
+    untimed runs of the same model (onnxruntime's idle threads spin for a while after a run and would
+    otherwise share the cores with the other model's timed run)."""
     generator = torch.Generator().manual_seed(0)
     result = {"threads": torch.get_num_threads(), "batch_size": batch_size, "input_size": input_size}
     for batch, runs, key in ((batch_size, repeats, "batch"), (1, latency_runs, "latency")):
@@ -336,6 +338,10 @@ def compare_speed(float_model, int8_model, batch_size, input_size, log, repeats=
             model(x)  # first-run allocations
         for _ in range(runs):
             for name, model in (("float", float_model), ("int8", int8_model)):
+                until = time.perf_counter() + 0.1
+                model(x)  # untimed until the other session's threads, which spin after its run, are idle
+                while time.perf_counter() < until:
+                    model(x)
                 start = time.perf_counter()
                 model(x)
                 times[name].append(time.perf_counter() - start)

@@ -7,7 +7,8 @@ keeps the accuracy.
 
 Speed: the float model exported as evaluate.py exports it (BatchNorm folded) and its INT8 version
 written by quantization.quantize_onnx, each in its own onnxruntime session with the same threads, run in
-turn on the same batch (batch 32 for images/s, batch 1 for latency); medians of the alternating repeats.
+turn on the same batch (batch 32 for images/s, batch 1 for latency), each timed run after 0.1 s of
+untimed runs of the same model; medians of the alternating repeats.
 Weights do not change the speed, so random ones calibrated on random inputs stand in for real ones.
 
 Recipes: each is quantized from the same weights and calibration draw (train images, seeded) and scored
@@ -37,12 +38,21 @@ from read_ImageNetData import (EvalSampler, ImageNetDataset, build_loader, eval_
 from weights import load_model  # noqa: E402
 
 
-def _time_alternating(loops, repeats):
+def _time_alternating(loops, repeats, settle=0.1):
+    """Median seconds of each loop, in turn `repeats` times, each timed run after untimed ones of the same
+    loop for `settle` seconds: onnxruntime's idle threads spin for a while after a run (its default), so a
+    session timed straight after the other one shares the cores with them (measured at batch 32: float
+    208, INT8 410 images/s back to back; 255-259 and 562-576 each alone, 245-250 and 548-562 with 0.05 s
+    untimed between; batch 1: settling for 0.02 s was not enough, 0.05-0.1 s gave each alone's ms)."""
     times = {name: [] for name in loops}
     for loop in loops.values():
         loop()  # first-run allocations and kernel choices
     for _ in range(repeats):
         for name, loop in loops.items():
+            until = time.perf_counter() + settle
+            loop()  # as when evaluate.py runs one model: the other session's threads gone idle
+            while time.perf_counter() < until:
+                loop()
             start = time.perf_counter()
             loop()
             times[name].append(time.perf_counter() - start)
