@@ -88,11 +88,21 @@ def max_logit_diff(ours, ref, batches):
     return (a.float() - b).abs().max().item()
 
 
-def _time_alternating(loops, repeats):
-    """Median seconds of each loop, running them in turn `repeats` times so load hits all alike."""
+def _time_alternating(loops, repeats, settle=0.1):
+    """Median seconds of each loop, in turn `repeats` times (so load hits all alike), each timed run after
+    untimed ones of the same loop for `settle` seconds: onnxruntime's idle threads spin for a while after a
+    run (its default), so a loop timed straight after an onnxruntime one shares the cores with them (measured at batch 32: float
+    208, INT8 410 images/s back to back; 255-259 and 562-576 each alone, 245-250 and 548-562 with 0.05 s
+    untimed between; batch 1: settling for 0.02 s was not enough, 0.05-0.1 s gave each alone's ms)."""
     times = {name: [] for name in loops}
+    for loop in loops.values():
+        loop()  # first-run allocations and kernel choices
     for _ in range(repeats):
         for name, loop in loops.items():
+            until = time.perf_counter() + settle
+            loop()  # as when evaluate.py runs one model: the other session's threads gone idle
+            while time.perf_counter() < until:
+                loop()
             start = time.perf_counter()
             loop()
             times[name].append(time.perf_counter() - start)

@@ -19,7 +19,6 @@ tells recipes apart where a few hundred images cannot.
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -32,31 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint  # noqa: E402
 import inference  # noqa: E402
 import quantization  # noqa: E402
-from bench_eval import random_model  # noqa: E402
+from bench_eval import _time_alternating, random_model  # noqa: E402
 from read_ImageNetData import (EvalSampler, ImageNetDataset, build_loader, eval_transform, find_layout,  # noqa: E402
                                list_samples, normalize, read_classes)
 from weights import load_model  # noqa: E402
-
-
-def _time_alternating(loops, repeats, settle=0.1):
-    """Median seconds of each loop, in turn `repeats` times, each timed run after untimed ones of the same
-    loop for `settle` seconds: onnxruntime's idle threads spin for a while after a run (its default), so a
-    session timed straight after the other one shares the cores with them (measured at batch 32: float
-    208, INT8 410 images/s back to back; 255-259 and 562-576 each alone, 245-250 and 548-562 with 0.05 s
-    untimed between; batch 1: settling for 0.02 s was not enough, 0.05-0.1 s gave each alone's ms)."""
-    times = {name: [] for name in loops}
-    for loop in loops.values():
-        loop()  # first-run allocations and kernel choices
-    for _ in range(repeats):
-        for name, loop in loops.items():
-            until = time.perf_counter() + settle
-            loop()  # as when evaluate.py runs one model: the other session's threads gone idle
-            while time.perf_counter() < until:
-                loop()
-            start = time.perf_counter()
-            loop()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def speed(batch_size=32, image_size=224, repeats=5, latency_runs=20, width_mult=1.0, log=print):
