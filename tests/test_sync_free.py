@@ -58,21 +58,6 @@ def state_of(learner):
                           "ema": learner.ema.module.state_dict()})
 
 
-def assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
-
-
 def run_epoch(learner, data, log=None, on_step=None):
     return train.train_one_epoch(learner, data, 0, len(data), train.distributed.Context(), on_step=on_step,
                                  log=log or (lambda *a: None))
@@ -104,7 +89,7 @@ def test_a_skipped_step_changes_no_weight_statistic_optimizer_or_ema_state(one_t
     learner_ = learner(True, NanAt({3}), opt=opt)
     states = {}
     run_epoch(learner_, batches(5), on_step=lambda epoch, step, indices: states.setdefault(step, state_of(learner_)))
-    assert_same(states[3], states[2])  # step 3 was the NaN one: everything as after step 2, bit for bit
+    helpers.assert_same_tensors(states[3], states[2])  # step 3 was the NaN one: everything as after step 2, bit for bit
     for key in ("model", "ema"):
         moved = [k for k in states[2][key] if not torch.equal(states[4][key][k], states[3][key][k])]
         assert any("running_mean" in k for k in moved) and any("weight" in k for k in moved)  # step 4 ran
@@ -113,7 +98,7 @@ def test_a_skipped_step_changes_no_weight_statistic_optimizer_or_ema_state(one_t
 def test_the_device_decided_step_equals_the_host_decided_one(one_thread):
     on_device, on_host = learner(True, NanAt({2})), learner(False, NanAt({2}))
     meters = [run_epoch(each, batches(6))[0] for each in (on_device, on_host)]
-    assert_same(state_of(on_device), state_of(on_host))
+    helpers.assert_same_tensors(state_of(on_device), state_of(on_host))
     counted = [(m.loss_sum, m.correct, m.count, m.skipped, m.failed) for m in meters]
     assert counted[0] == counted[1]
     assert meters[0].skipped == 1 and meters[0].count == 5 * 4
@@ -170,13 +155,13 @@ def test_the_buffer_keeper_restores_nan_statistics_and_counters_exactly():
     model(torch.full((2, 3, 32, 32), float("nan")))  # the forward pass moves the statistics to NaN
     assert not torch.equal(model.features[0][1].num_batches_tracked, before["features.0.1.num_batches_tracked"])
     keeper.settle(torch.tensor(False))
-    assert_same(model.state_dict(), before)
+    helpers.assert_same_tensors(model.state_dict(), before)
     model(torch.randn(2, 3, 32, 32))
     keeper.settle(True)
     kept = copy.deepcopy(model.state_dict())
     model(torch.randn(2, 3, 32, 32))
     keeper.settle(False)
-    assert_same(model.state_dict(), kept)
+    helpers.assert_same_tensors(model.state_dict(), kept)
 
 
 def test_sync_free_resume_is_bit_exact(demo_data, tmp_path):
@@ -192,7 +177,7 @@ def test_sync_free_resume_is_bit_exact(demo_data, tmp_path):
     assert helpers.run_main(train, parse(split, "--num-epochs", "2", "--resume", "auto")) == 0
     a, b = helpers.load_checkpoint(straight / "last.pth"), helpers.load_checkpoint(split / "last.pth")
     for key in ("model", "model_ema", "optimizer", "epoch", "step", "sampler"):
-        assert_same(a[key], b[key])
+        helpers.assert_same_tensors(a[key], b[key])
     timing = ("seconds", "images_per_s")
     assert ([{k: v for k, v in m.items() if k not in timing} for m in a["metrics"]]
             == [{k: v for k, v in m.items() if k not in timing} for m in b["metrics"]])

@@ -53,25 +53,11 @@ def run_main(args, on_step=None):
 
 
 load = helpers.load_checkpoint
+assert_same_tensors = helpers.assert_same_tensors
 
 
 def without_timing(metrics):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
-
-
-def assert_same_tensors(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same_tensors(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tensors(x, y)
-    else:
-        assert a == b
 
 
 def free_port():
