@@ -270,3 +270,16 @@ def assert_same_tensors(a, b):
             assert_same_tensors(x, y)
     else:
         assert a == b
+
+
+class NanAt:
+    """CrossEntropy that returns NaN on the given calls (counted from 1)."""
+
+    def __init__(self, calls):
+        self.calls, self.n = set(calls), 0
+        self.inner = torch.nn.CrossEntropyLoss()
+
+    def __call__(self, logits, targets):
+        self.n += 1
+        loss = self.inner(logits, targets)
+        return loss * float("nan") if self.n in self.calls else loss

@@ -369,17 +369,7 @@ def test_killed_loader_worker_gives_a_clear_error_not_a_hang(data, tmp_path, cap
 # Non-finite loss
 
 
-class NanAt:
-    """CrossEntropy that returns NaN on the given calls (counted from 1)."""
-
-    def __init__(self, calls):
-        self.calls, self.n = set(calls), 0
-        self.inner = torch.nn.CrossEntropyLoss()
-
-    def __call__(self, logits, targets):
-        self.n += 1
-        loss = self.inner(logits, targets)
-        return loss * float("nan") if self.n in self.calls else loss
+NanAt = helpers.NanAt
 
 
 def test_one_nan_loss_is_skipped_and_training_goes_on(data, tmp_path, monkeypatch):
