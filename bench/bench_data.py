@@ -26,8 +26,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import augment  # noqa: E402
-import read_ImageNetData as data  # noqa: E402
+from mnv2.data import augment  # noqa: E402
+from mnv2.data import imagenet, loaders, transforms
 
 RECIPE_CROP, RECIPE_ERASE = 176, 0.1  # torchvision-v2's train crop and random-erasing probability
 
@@ -49,7 +49,7 @@ def make_jpegs(out_dir, n=64, seed=0):
 
 
 def _paths(images, limit):
-    paths = sorted(p for p in Path(images).iterdir() if data.is_image(p.name))
+    paths = sorted(p for p in Path(images).iterdir() if imagenet.is_image(p.name))
     if not paths:
         raise SystemExit(f"error: no images in {images}")
     return paths[:limit] if limit else paths
@@ -61,14 +61,14 @@ def _reference_loaders(paths, tmp, input_size, resize, batch_size):
     folder.mkdir(parents=True)
     for p in paths:
         os.symlink(p.resolve(), folder / p.name)
-    norm = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    norm = T.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
     train = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val = T.Compose([T.Resize(resize), T.CenterCrop(input_size), T.ToTensor(), norm])
     import torchvision.transforms.v2 as v2
     bilinear = T.InterpolationMode.BILINEAR
     recipe = v2.Compose([v2.RandomResizedCrop(RECIPE_CROP, interpolation=bilinear, antialias=True),
                          v2.RandomHorizontalFlip(), v2.TrivialAugmentWide(interpolation=bilinear), v2.PILToTensor(),
-                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD),
                          v2.RandomErasing(RECIPE_ERASE)])
     return {split: torch.utils.data.DataLoader(ImageFolder(folder.parent, transform=tf), batch_size=batch_size,
                                                shuffle=False, num_workers=0)
@@ -77,11 +77,11 @@ def _reference_loaders(paths, tmp, input_size, resize, batch_size):
 
 def _our_loaders(paths, input_size, resize, batch_size):
     samples = [(str(p), 0) for p in paths]
-    train = data.ImageNetDataset(samples, data.train_transform(input_size), train=True)
-    val = data.ImageNetDataset(samples, data.eval_transform(input_size, resize), train=False)
-    recipe = data.ImageNetDataset(samples, augment.Chain(data.TrainTransform(RECIPE_CROP),
+    train = loaders.ImageNetDataset(samples, transforms.train_transform(input_size), train=True)
+    val = loaders.ImageNetDataset(samples, transforms.eval_transform(input_size, resize), train=False)
+    recipe = loaders.ImageNetDataset(samples, augment.Chain(transforms.TrainTransform(RECIPE_CROP),
                                                          augment.after_crop("ta_wide", RECIPE_ERASE)), train=True)
-    return {split: data.build_loader(ds, batch_size, data.EvalSampler(len(ds)), num_workers=0, pin_memory=False)
+    return {split: loaders.build_loader(ds, batch_size, loaders.EvalSampler(len(ds)), num_workers=0, pin_memory=False)
             for split, ds in (("train", train), ("eval", val), ("recipe", recipe))}
 
 
@@ -95,7 +95,7 @@ def _images_per_s(loader):
 def check_eval_identical(paths, input_size=224, resize=256):
     """Number of images whose eval tensor equals torchvision's Resize + CenterCrop + PILToTensor exactly."""
     reference = T.Compose([T.Resize(resize), T.CenterCrop(input_size), T.PILToTensor()])
-    ours = data.eval_transform(input_size, resize)
+    ours = transforms.eval_transform(input_size, resize)
     same = 0
     for p in paths:
         with Image.open(p) as im:

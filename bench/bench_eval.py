@@ -23,12 +23,12 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evaluate import evaluate  # noqa: E402
-from inference import (InferenceError, export_onnx, inference_model, maybe_compile,  # noqa: E402
-                       prepare_for_inference)
+from mnv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
+from mnv2.deploy.inference import (InferenceError, export_onnx, inference_model, maybe_compile,  # noqa: E402
+                                   prepare_for_inference)
+from mnv2.scoring import evaluate  # noqa: E402
+from mnv2.weights import load_model  # noqa: E402
 from MobileNetV2 import MobileNetV2  # noqa: E402
-from weights import load_model  # noqa: E402
-from read_ImageNetData import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
 
 
 def make_batches(batch_size, batches, image_size, num_classes, seed=0):

@@ -5,7 +5,7 @@ loader-process counts, peak GPU memory, and the batched crop-and-resize against 
     python bench/bench_gpu.py --device cuda [--images DIR] [--json PATH]    # what bench/gpu_check.sh runs
     python bench/bench_gpu.py --device cpu --quick                          # the same code on the CPU, tiny
 
-Synthetic data: uint8 batches already on the device, through `train.train_one_epoch` with the learner
+Synthetic data: uint8 batches already on the device, through `loop.train_one_epoch` with the learner
 train.py builds (channels_last, bf16 autocast on CUDA, the sync-free step where it applies). Real JPEGs:
 the files in --images (default: 256 generated 500x375 JPEGs), cycled, through the real loaders and the
 same step; the first steps (worker start-up, cudnn's search) are left out of the timing. Each compiled
@@ -24,12 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import distributed  # noqa: E402
-import gpu_data  # noqa: E402
-import optimization  # noqa: E402
-import train  # noqa: E402
+from mnv2 import distributed  # noqa: E402
+from mnv2.data import gpu_decode as gpu_data  # noqa: E402
+from mnv2.data.loaders import ImageNetDataset, TrainSampler, build_loader  # noqa: E402
+from mnv2.data.transforms import TrainTransform  # noqa: E402
+from mnv2.training import optimization  # noqa: E402
+from mnv2.training import datasets, learner, loop, run
 from MobileNetV2 import MobileNetV2  # noqa: E402
-from read_ImageNetData import ImageNetDataset, TrainSampler, TrainTransform, build_loader  # noqa: E402
 
 GOAL = 10_000  # images/s on synthetic data, one H200
 
@@ -39,15 +40,15 @@ def make_learner(device, compile_mode=None, size=224, width=1.0):
     torch.manual_seed(0)
     model = MobileNetV2(width_mult=width).to(device, memory_format=torch.channels_last)
     if device.type == "cpu":
-        train.use_fused_batchnorm(model, log=lambda *a: None)
-    amp = train.amp_dtype_for(None, device)
-    sync_free = train.use_sync_free(None, device, "sgd", None)
+        learner.use_fused_batchnorm(model, log=lambda *a: None)
+    amp = learner.amp_dtype_for(None, device)
+    sync_free = learner.use_sync_free(None, device, "sgd", None)
     optimizer = optimization.build_optimizer(model, 0.045, fused=sync_free)
     guard = optimization.StepGuard(optimizer) if sync_free else None
     keeper = optimization.BufferKeeper(model)
     wrapped = model if compile_mode is None else torch.compile(
         model, mode=None if compile_mode == "default" else compile_mode)
-    return train.Learner(wrapped, model, optimization.build_criterion(), optimizer, optimization.LRSchedule(0.045, 1),
+    return learner.Learner(wrapped, model, optimization.build_criterion(), optimizer, optimization.LRSchedule(0.045, 1),
                          device, None, amp, True, None, 3, 1, None, None, guard, 10, keeper)
 
 
@@ -66,7 +67,7 @@ def timed_steps(learner, batches, steps, warmup, device):
         marks.append(time.perf_counter())
 
     start = time.perf_counter()
-    train.train_one_epoch(learner, batches, 0, steps, distributed.Context(device=device), on_step=on_step,
+    loop.train_one_epoch(learner, batches, 0, steps, distributed.Context(device=device), on_step=on_step,
                           log=lambda *a: None)
     synchronize(device)
     end = time.perf_counter()
@@ -95,7 +96,7 @@ def real(device, files, backend, workers, batch, steps, warmup, size=224):
     loader = build_loader(dataset, batch, sampler, num_workers=workers, pin_memory=device.type == "cuda",
                           persistent_workers=False, drop_last=True)
     if backend == "gpu":
-        loader = train.on_device(dataset, loader, size, device, fallback=dataset)
+        loader = datasets.on_device(dataset, loader, size, device, fallback=dataset)
     learner = make_learner(device)
     seconds, _, _ = timed_steps(learner, loader, steps, warmup, device)
     return {"images_per_s": batch * (steps - warmup) / seconds}
@@ -171,7 +172,7 @@ def main(args):
         sys.exit("bench_gpu.py: error: no CUDA GPU visible to torch (CPU-only wheel, no driver, or "
                  "CUDA_VISIBLE_DEVICES empty); run with --device cpu for a dry run")
     if device.type == "cuda":
-        train.set_up_device(device)
+        run.set_up_device(device)
     if args.only_compiled:
         print(json.dumps(synthetic(device, args.batch, args.steps, args.warmup, args.only_compiled)))
         return

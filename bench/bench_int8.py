@@ -28,13 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoint  # noqa: E402
-import inference  # noqa: E402
-import quantization  # noqa: E402
 from bench_eval import _time_alternating, random_model  # noqa: E402
-from read_ImageNetData import (EvalSampler, ImageNetDataset, build_loader, eval_transform, find_layout,  # noqa: E402
-                               list_samples, normalize, read_classes)
-from weights import load_model  # noqa: E402
+
+from mnv2 import checkpoint  # noqa: E402
+from mnv2.data.imagenet import find_layout, list_samples, read_classes  # noqa: E402
+from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader  # noqa: E402
+from mnv2.data.transforms import eval_transform, normalize  # noqa: E402
+from mnv2.deploy import inference  # noqa: E402
+from mnv2.deploy import quantization  # noqa: E402
+from mnv2.deploy import onnx_weights
+from mnv2.weights import load_model  # noqa: E402
 
 
 def speed(batch_size=32, image_size=224, repeats=5, latency_runs=20, width_mult=1.0, log=print):
@@ -46,7 +49,7 @@ def speed(batch_size=32, image_size=224, repeats=5, latency_runs=20, width_mult=
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.int8.onnx"
         report = quantization.quantize_onnx(model, calibration, path, image_size, bias_correction=False)
-        int8 = inference.OnnxFileModel(path)
+        int8 = onnx_weights.OnnxFileModel(path)
     fp32 = inference.OnnxRuntimeModel(model, image_size)
     result = {"threads": torch.get_num_threads(), "batch_size": batch_size, "image_size": image_size,
               "bytes": {"int8": report["bytes"], "float": report["float_bytes"]}}
@@ -102,7 +105,7 @@ def recipes(weights, data_dir, counts=(512,), methods=tuple(quantization.CALIBRA
                     start = time.perf_counter()
                     path = Path(tmp) / "model.int8.onnx"
                     quantization.quantize_onnx(model, calibration, path, pre["input_size"], method, bias_correction)
-                    int8 = inference.OnnxFileModel(path)
+                    int8 = onnx_weights.OnnxFileModel(path)
                     logits = torch.cat([int8(x) for x, _ in scored])
                     noise = ((logits - reference) ** 2).sum().item()
                     row = {"calibration_images": count, "method": method, "bias_correction": bias_correction,

@@ -4,7 +4,7 @@
     python bench/bench_linear_probe.py                      # 224 px, width 1.0, 10 classes x 40 images, 5 epochs
     python bench/bench_linear_probe.py --pretrained torchvision-v2 --data-dir my_photos --val-split 0.2
 
-Both runs are `train.main` with the same flags, in this process, alternating over --rounds; the time is
+Both runs are train.py with the same flags, each in its own process, alternating over --rounds; the time is
 the whole command (scanning the folders, building the model, training, validating, writing checkpoints),
 as a user waits for it. Without --data-dir the demo digits are written as class folders; without
 --pretrained a freshly initialised MobileNetV2 stands in for ImageNet weights (the speed does not depend
@@ -12,10 +12,9 @@ on the values). The two runs must end with the same classifier (within float rou
 features come from the BatchNorm-folded backbone) and the same validation accuracy.
 """
 import argparse
-import contextlib
-import io
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,26 +22,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-import image_folders  # noqa: E402
-import train  # noqa: E402
+from mnv2.data.demo import make_folder_demo  # noqa: E402
 from MobileNetV2 import MobileNetV2  # noqa: E402
 
 
 def _train(flags):
-    """Seconds of one train.py command line and its last checkpoint."""
-    args = train.get_args_parser().parse_args([str(f) for f in flags])
-    out = io.StringIO()
+    """Seconds of one train.py command line (its own process, as a user runs it) and its last checkpoint."""
+    save_path = Path(flags[flags.index("--save-path") + 1])
     start = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        try:
-            train.main(args)
-        except SystemExit as e:
-            if e.code:
-                raise RuntimeError(f"train.py exited {e.code}: {out.getvalue()[-2000:]}") from None
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags)], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    return seconds, torch.load(Path(args.save_path) / "last.pth", map_location="cpu", weights_only=True)
+    if done.returncode:
+        raise RuntimeError(f"train.py exited {done.returncode}: {(done.stdout + done.stderr)[-2000:]}")
+    return seconds, torch.load(save_path / "last.pth", map_location="cpu", weights_only=True)
 
 
 def run(data_dir=None, pretrained=None, input_size=224, width_mult=1.0, per_class=40, epochs=5, rounds=1,
@@ -51,7 +46,7 @@ def run(data_dir=None, pretrained=None, input_size=224, width_mult=1.0, per_clas
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if data_dir is None:
-            data_dir = image_folders.make_demo(tmp / "digits", per_class=per_class, image_size=input_size)
+            data_dir = make_folder_demo(tmp / "digits", per_class=per_class, image_size=input_size)
         if pretrained is None:
             torch.manual_seed(0)
             pretrained = tmp / "start.pth"

@@ -3,14 +3,14 @@ loop, measured side by side in one run (rounds alternate, so a busy machine slow
 
     python bench/bench_train.py --batch-size 32 --input-size 224
 
-"ours" is `train.train_one_epoch` itself (channels_last, the per-step checks and statistics included) on
+"ours" is `loop.train_one_epoch` itself (channels_last, the per-step checks and statistics included) on
 this repo's MobileNetV2, on the CPU with the fused BatchNorm kernel as train.py runs it; "reference" is
 `torchvision.models.mobilenet_v2()` with the textbook loop (forward, loss, zero_grad, backward, SGD step)
 on NCHW float32 input. Both use SGD momentum 0.9, weight decay 4e-5, the same batches and the same
 thread count.
 
 On the CPU each variant runs in a process of its own, set up as its script sets itself up: ours calls
-`train.keep_freed_memory()` as train.py does, the reference keeps the C library's defaults, as
+`mnv2.training.run.keep_freed_memory()` as train.py does, the reference keeps the C library's defaults, as
 torchvision's scripts do. Neither one's process settings can then reach the other.
 """
 import argparse
@@ -25,11 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import distributed  # noqa: E402
-import optimization  # noqa: E402
-import train  # noqa: E402
+from mnv2 import distributed  # noqa: E402
+from mnv2.data.transforms import normalize  # noqa: E402
+from mnv2.training import optimization  # noqa: E402
+from mnv2.training import loop
+from mnv2.training.learner import Learner, use_fused_batchnorm
+from mnv2.training.run import keep_freed_memory
 from MobileNetV2 import MobileNetV2  # noqa: E402
-from read_ImageNetData import normalize  # noqa: E402
 
 
 def batches(n, batch_size, input_size, num_classes, seed=0):
@@ -67,15 +69,15 @@ def build_loop(kind, device, batch_size, input_size, steps, num_classes, amp_dty
         return lambda: torchvision_steps(tv, optimizer, data)
     model = MobileNetV2(num_classes=num_classes).to(device, memory_format=torch.channels_last)
     if device.type == "cpu":  # as train.py sets up a CPU run
-        train.use_fused_batchnorm(model, log=lambda *a: None)
+        use_fused_batchnorm(model, log=lambda *a: None)
     optimizer = optimization.build_optimizer(model, lr=0.045)
     raw = model
     if kind == "ours compiled":
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    learner = train.Learner(model, raw, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.045, 1),
+    learner = Learner(model, raw, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.045, 1),
                             device, scaler=scaler, amp_dtype=amp_dtype, channels_last=True)
-    return lambda: train.train_one_epoch(learner, data, 0, len(data), distributed.Context(device=device),
+    return lambda: loop.train_one_epoch(learner, data, 0, len(data), distributed.Context(device=device),
                                          log=lambda *a: None)
 
 
@@ -95,7 +97,7 @@ def _cpu_worker(conn, kind, settings, threads):
     try:
         torch.set_num_threads(threads)
         if kind != "reference":
-            train.keep_freed_memory()  # as train.py sets up a CPU run
+            keep_freed_memory()  # as train.py sets up a CPU run
         loop = build_loop(kind, torch.device("cpu"), **settings)
         conn.send(_seconds(loop, torch.device("cpu")))  # the first round: warm-up (and compilation)
         while conn.recv() == "run":
@@ -176,16 +178,16 @@ def run(batch_size=32, input_size=224, steps=3, rounds=5, num_classes=1000, devi
                     loops[kind].close()
                 del loops[kind]
         if device.type == "cpu":
-            for loop in loops.values():  # one more untimed round: glibc's heap settles after a few steps
-                loop()
+            for step in loops.values():  # one more untimed round: glibc's heap settles after a few steps
+                step()
         times = {kind: [] for kind in loops}
         for _ in range(rounds):  # alternate, so load from other processes slows every variant alike
-            for kind, loop in loops.items():
-                times[kind].append(loop())
+            for kind, step in loops.items():
+                times[kind].append(step())
     finally:
         if device.type == "cpu":
-            for loop in loops.values():
-                loop.close()
+            for step in loops.values():
+                step.close()
     speed = {kind: steps * batch_size / statistics.median(t) for kind, t in times.items()}
     where = device.type + (f", {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype else "")
     rows = {f"training step ({where})": {"ratio": speed["ours"] / speed["reference"], "ours": speed["ours"],

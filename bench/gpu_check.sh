@@ -84,7 +84,7 @@ import sys
 import torch
 sys.path.insert(0, ".")
 from MobileNetV2 import MobileNetV2
-from weights import load_model
+from mnv2.weights import load_model
 device, checkpoint = torch.device(sys.argv[1]), sys.argv[2]
 # fp32 parity: TF32 would round the matmuls and convolutions to 10-bit mantissas on purpose.
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

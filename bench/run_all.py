@@ -6,7 +6,7 @@ reference, in one run, as one table.
 Rows (ratio = ours / reference for speeds, reference / ours for latencies, so above 1 is always better):
   * input pipeline, train and eval transforms: read_ImageNetData's loaders vs torchvision ImageFolder with
     the standard transforms, images/s on one core (bench_data.py);
-  * training step: train.train_one_epoch on this repo's model vs torchvision's mobilenet_v2 in a plain
+  * training step: loop.train_one_epoch on this repo's model vs torchvision's mobilenet_v2 in a plain
     eager NCHW fp32 loop, same batches (bench_train.py);
   * evaluation: evaluate() on the inference-prepared model vs the same plain loop, logits within 1e-4
     (bench_eval.py);
@@ -43,13 +43,15 @@ import bench_data  # noqa: E402
 import bench_eval  # noqa: E402
 import bench_int8  # noqa: E402
 import bench_train  # noqa: E402
-import distributed  # noqa: E402
-import read_ImageNetData as data  # noqa: E402
-import train  # noqa: E402
-import checkpoint  # noqa: E402
-import optimization  # noqa: E402
-from evaluate import evaluate  # noqa: E402
-from inference import prepare_for_inference  # noqa: E402
+
+from mnv2 import checkpoint  # noqa: E402
+from mnv2 import distributed  # noqa: E402
+from mnv2.data import demo, loaders, transforms
+from mnv2.deploy.inference import prepare_for_inference  # noqa: E402
+from mnv2.scoring import evaluate  # noqa: E402
+from mnv2.training import optimization  # noqa: E402
+from mnv2.training import loop, recipes  # noqa: E402
+from mnv2.training.learner import Learner
 from MobileNetV2 import MobileNetV2  # noqa: E402
 
 SECTIONS = ("data", "train", "eval", "onnx", "int8", "epoch", "loader", "decode")
@@ -150,16 +152,16 @@ def demo_epoch_rows(s, device, num_workers=0, seed=0):
     Each step ends with a host sync in train_one_epoch (its per-step statistics), so on CUDA the time in
     next() is time the GPU had nothing queued, not time hidden behind running kernels.
     """
-    d = train.DEMO_SETTINGS
+    d = recipes.named("demo").flags
     train_per_class, val_per_class = s["demo_per_class"]
     with tempfile.TemporaryDirectory() as tmp:
-        root = data.make_demo(Path(tmp) / "demo", seed=seed, train_per_class=train_per_class,
+        root = demo.make_demo(Path(tmp) / "demo", seed=seed, train_per_class=train_per_class,
                               val_per_class=val_per_class)
-        train_set, _, classes, _ = data.build_datasets(root, "sorted", d["input_size"])
-        train_set.transform = data.TrainTransform(d["input_size"], scale=(d["crop_scale_min"], 1.0), hflip=d["hflip"])
-        sampler = data.TrainSampler(len(train_set), seed=seed)
+        train_set, _, classes, _ = loaders.build_datasets(root, "sorted", d["input_size"])
+        train_set.transform = transforms.TrainTransform(d["input_size"], scale=(d["crop_scale_min"], 1.0), hflip=d["hflip"])
+        sampler = loaders.TrainSampler(len(train_set), seed=seed)
         sampler.set_epoch(0)
-        loader = _TimedLoader(data.build_loader(train_set, d["batch_size"], sampler, num_workers=num_workers,
+        loader = _TimedLoader(loaders.build_loader(train_set, d["batch_size"], sampler, num_workers=num_workers,
                                                 pin_memory=device.type == "cuda", persistent_workers=False,
                                                 drop_last=True))
         steps = len(train_set) // d["batch_size"]
@@ -172,10 +174,10 @@ def demo_epoch_rows(s, device, num_workers=0, seed=0):
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         schedule = optimization.LRSchedule(d["lr"], d["num_epochs"], d["lr_schedule"],
                                            warmup_epochs=d["warmup_epochs"])
-        learner = train.Learner(model, model, optimization.build_criterion(), optimizer, schedule, device,
+        learner = Learner(model, model, optimization.build_criterion(), optimizer, schedule, device,
                                 scaler=scaler, amp_dtype=amp_dtype)
         start = time.perf_counter()
-        meter, done, _ = train.train_one_epoch(learner, loader, 0, steps, distributed.Context(device=device),
+        meter, done, _ = loop.train_one_epoch(learner, loader, 0, steps, distributed.Context(device=device),
                                                log=lambda *a: None)
         seconds = time.perf_counter() - start
     note = (f"{done} steps of {d['batch_size']} x {d['input_size']} px, width {d['width_mult']}, "
@@ -202,8 +204,8 @@ def eval_rows_cuda(s, device):
     batch, size = s["gpu_batch"], 224
     batches = [(i.to(device), t.to(device), k, f)
                for i, t, k, f in bench_eval.make_batches(batch, 4, size, model.config["num_classes"])]
-    mean = torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(transforms.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(transforms.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def plain():
         with torch.no_grad():
@@ -217,15 +219,15 @@ def eval_rows_cuda(s, device):
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
-        x = data.normalize(batches[0][0][:16], channels_last=True)
+        x = transforms.normalize(batches[0][0][:16], channels_last=True)
         diff = (fast(x).float() - ref(x.contiguous())).abs().max().item()
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    for loop in loops.values():
-        loop()  # cuDNN autotuning, allocator
+    for step in loops.values():
+        step()  # cuDNN autotuning, allocator
     times = {name: [] for name in loops}
     for _ in range(s["gpu_rounds"]):
-        for name, loop in loops.items():
-            times[name].append(_sync_seconds(loop, device))
+        for name, step in loops.items():
+            times[name].append(_sync_seconds(step, device))
     speed = {name: len(batches) * batch / statistics.median(t) for name, t in times.items()}
     note = f"batch {batch}, {str(dtype).replace('torch.', '')} autocast vs fp32 NCHW, fp32 max |diff| {diff:.1e}"
     return {"evaluation (cuda)": _row(speed["ours"] / speed["reference"], speed["ours"], speed["reference"],
@@ -242,21 +244,21 @@ def loader_rows_cuda(images, s, device, workers, synthetic):
         # Cycle the files to fill the steps: the OS caches them, so this measures decoding, not the disk.
         n = batch * (s["loader_steps"] + 2)
         samples = [(str(paths[k % len(paths)]), 0) for k in range(n)]
-        dataset = data.ImageNetDataset(samples, data.train_transform(224), train=True)
+        dataset = loaders.ImageNetDataset(samples, transforms.train_transform(224), train=True)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         for w in workers:
             model = MobileNetV2().to(device, memory_format=torch.channels_last)
             optimizer = optimization.build_optimizer(model, lr=0.045)
-            sampler = data.TrainSampler(n, seed=0)
+            sampler = loaders.TrainSampler(n, seed=0)
             sampler.set_epoch(0)
-            loader = data.build_loader(dataset, batch, sampler, num_workers=w, pin_memory=True,
+            loader = loaders.build_loader(dataset, batch, sampler, num_workers=w, pin_memory=True,
                                        persistent_workers=False, drop_last=True)
             stamps = []
-            learner = train.Learner(model, model, torch.nn.CrossEntropyLoss(), optimizer,
+            learner = Learner(model, model, torch.nn.CrossEntropyLoss(), optimizer,
                                     optimization.LRSchedule(0.045, 1), device,
                                     scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
                                     amp_dtype=dtype)
-            train.train_one_epoch(learner, loader, 0, n // batch, distributed.Context(device=device),
+            loop.train_one_epoch(learner, loader, 0, n // batch, distributed.Context(device=device),
                                   log=lambda *a: None, on_step=lambda *a: stamps.append(time.perf_counter()))
             # From the end of step 2 on: worker start-up and cuDNN autotuning are paid once per run, not per step.
             speed = batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])

@@ -13,7 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers import make_fake_imagenet  # noqa: E402
-from read_ImageNetData import make_demo  # noqa: E402
+from mnv2.data.demo import make_demo  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over about half a second (a subprocess, a real run, torchrun, a "
+                                       "kernel build); `-m \"not slow\"` leaves them out for a sub-minute loop")
 
 
 @pytest.fixture

@@ -4,7 +4,10 @@ written independently of the loader, an untrusted pickle, and one way to run a s
 Fixtures that build data live in conftest.py and use these; test modules import from here.
 """
 import io
+import os
 import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -283,3 +286,18 @@ class NanAt:
         self.n += 1
         loss = self.inner(logits, targets)
         return loss * float("nan") if self.n in self.calls else loss
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now: for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc=2, timeout=240):
+    """`torchrun --nproc_per_node=nproc script args...` on 127.0.0.1, one thread per process, the repo importable."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

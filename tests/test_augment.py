@@ -12,7 +12,7 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-import augment
+from mnv2.data import augment
 
 BILINEAR = InterpolationMode.BILINEAR
 
@@ -55,6 +55,7 @@ POLICIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pil", "tensor"])
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_each_policy_equals_torchvisions_given_the_same_seed(name, kind):
@@ -79,6 +80,7 @@ def test_build_policy_uses_the_recipe_interpolation_and_magnitude():
         augment.build_policy("trivial")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["rand-m9-mstd0.5", "rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd101-p0.8",
                                     "rand-m5-n1-p1.0"])
 def test_timm_policy_strings_equal_timms_rand_augment(config):
@@ -123,7 +125,7 @@ def test_random_erasing_equals_torchvisions_filling_with_the_mean_pixel():
 
 
 def test_the_mean_pixel_normalises_to_about_zero_as_torchvisions_erasing_to_zero_does():
-    from read_ImageNetData import normalize
+    from mnv2.data.transforms import normalize
     pixel = torch.tensor(augment.MEAN_PIXEL, dtype=torch.uint8).view(1, 3, 1, 1)
     assert normalize(pixel).abs().max() < 0.5 / 255 / 0.224
 

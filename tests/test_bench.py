@@ -25,6 +25,8 @@ EPOCH_ROW = "demo epoch (cpu): share waiting for data"
 ONNX_ROW = "batch-1 latency, ONNX vs eager PyTorch"
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
+pytestmark = pytest.mark.slow  # every test here reads one run of the benchmark suite (about 30 s)
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
@@ -39,6 +41,7 @@ def quick(tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_every_row_with_its_four_fields(quick):
     rows, _ = quick
     expected = SPEED_ROWS + ["input pipeline eval identical to torchvision", EPOCH_ROW] + ([ONNX_ROW] if HAS_ONNX else [])
@@ -81,6 +84,7 @@ def test_printed_table_has_one_line_per_row(quick):
     assert [line.split(" | ")[0][2:] for line in table[1:]] == list(rows)
 
 
+@pytest.mark.slow
 def test_cpu_suite_leaves_cuda_untouched(tmp_path):
     threads = torch.get_num_threads()
     try:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import count_flops
-from MobileNetV2 import MobileNetV2
 from helpers import RunsCode
+from MobileNetV2 import MobileNetV2
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_missing_counter_package_gives_a_note_not_a_crash(monkeypatch, capsys):
     assert "not installed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_grid_json_covers_the_papers_trade_off_table(capsys):
     rows = count_flops.main(count_flops.get_args_parser().parse_args(["--grid", "--json"]))
     assert len(rows) == 25

@@ -15,6 +15,7 @@ from scipy import stats
 
 import read_ImageNetData as data
 from helpers import fake_synsets, write_jpeg, write_meta_mat
+from mnv2.data import demo, imagenet, loaders, transforms
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,8 +25,8 @@ def labels_of(samples):
 
 
 def load(info, class_order="sorted"):
-    layout = data.find_layout(info["root"])
-    return layout, data.read_classes(layout, class_order)
+    layout = imagenet.find_layout(info["root"])
+    return layout, imagenet.read_classes(layout, class_order)
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -34,9 +35,9 @@ def test_sorted_order_labels_are_positions_in_sorted_wnids(fake_imagenet):
     assert layout.kind == "seed" and layout.val_flat
     assert classes.wnids == fake_imagenet["sorted_wnids"] and len(classes.names) == 1000
     index = {w: i for i, w in enumerate(fake_imagenet["sorted_wnids"])}
-    train = labels_of(data.list_samples(layout, "train", classes))
+    train = labels_of(imagenet.list_samples(layout, "train", classes))
     assert train == {p.name: index[w] for p, w in fake_imagenet["train"]}
-    val = labels_of(data.list_samples(layout, "val", classes))
+    val = labels_of(imagenet.list_samples(layout, "val", classes))
     assert val == {p.name: index[w] for p, w in fake_imagenet["val"]}
 
 
@@ -47,26 +48,27 @@ def test_devkit_order_labels_are_ilsvrc_id_minus_one(fake_imagenet):
     assert all(ids[w] == i + 1 for i, w in enumerate(classes.wnids))
     assert classes.wnids != fake_imagenet["sorted_wnids"]  # the fixture's IDs are out of sorted order
     for split in ("train", "val"):
-        got = labels_of(data.list_samples(layout, split, classes))
+        got = labels_of(imagenet.list_samples(layout, split, classes))
         assert got == {p.name: ids[w] - 1 for p, w in fake_imagenet[split]}
 
 
+@pytest.mark.slow
 def test_partial_train_set_keeps_true_labels(fake_imagenet):
     layout, classes = load(fake_imagenet)
-    full = labels_of(data.list_samples(layout, "train", classes))
+    full = labels_of(imagenet.list_samples(layout, "train", classes))
     removed = fake_imagenet["image_wnids"][0]
     shutil.rmtree(fake_imagenet["train_dir"] / removed)
-    partial = labels_of(data.list_samples(layout, "train", data.read_classes(layout)))
+    partial = labels_of(imagenet.list_samples(layout, "train", imagenet.read_classes(layout)))
     assert partial == {name: label for name, label in full.items() if not name.startswith(removed)}
-    assert len(data.read_classes(layout).wnids) == 1000
+    assert len(imagenet.read_classes(layout).wnids) == 1000
 
 
 def test_val_subset_is_labelled_by_file_number(fake_imagenet):
     layout, classes = load(fake_imagenet)
-    full = labels_of(data.list_samples(layout, "val", classes))
+    full = labels_of(imagenet.list_samples(layout, "val", classes))
     for path, _ in fake_imagenet["val"][:4]:  # keep only the last two: positions change, labels must not
         path.unlink()
-    subset = labels_of(data.list_samples(layout, "val", classes))
+    subset = labels_of(imagenet.list_samples(layout, "val", classes))
     assert subset == {name: full[name] for name in subset} and len(subset) == 2
 
 
@@ -78,15 +80,15 @@ def test_other_layouts_give_the_same_labels(fake_imagenet_factory, kwargs):
     assert layout.val_flat == (not kwargs.get("val_folders", False))
     index = {w: i for i, w in enumerate(info["sorted_wnids"])}
     for split in ("train", "val"):
-        assert labels_of(data.list_samples(layout, split, classes)) == \
+        assert labels_of(imagenet.list_samples(layout, split, classes)) == \
             {p.name: index[w] for p, w in info[split]}
 
 
 def test_unknown_layout_error_shows_expected_and_found(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(data.DataError) as e:
-        data.find_layout(tmp_path)
+    with pytest.raises(imagenet.DataError) as e:
+        imagenet.find_layout(tmp_path)
     message = str(e.value)
     assert "ILSVRC2012_img_train" in message and "images/" in message and "notes.txt" in message
     assert "\n" not in message
@@ -138,6 +140,7 @@ def _gt_missing(info):
     info["ground_truth"].unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breaker, names, words", [
     (_missing_meta, "ILSVRC2012_devkit_t12", "meta.mat"),
     (_no_synsets, "meta.mat", "synsets"),
@@ -153,9 +156,9 @@ def _gt_missing(info):
 ])
 def test_wrong_devkit_gives_one_line_naming_the_file(fake_imagenet, breaker, names, words):
     breaker(fake_imagenet)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(imagenet.DataError) as e:
         layout, classes = load(fake_imagenet)
-        data.list_samples(layout, "val", classes)
+        imagenet.list_samples(layout, "val", classes)
     message = str(e.value)
     assert names in message and words in message and "\n" not in message
 
@@ -174,7 +177,7 @@ def _odd_images(folder):
     return files
 
 
-@pytest.mark.parametrize("transform", [data.train_transform(32), data.eval_transform(32, 40)], ids=["train", "eval"])
+@pytest.mark.parametrize("transform", [transforms.train_transform(32), transforms.eval_transform(32, 40)], ids=["train", "eval"])
 def test_odd_images_load_as_rgb(tmp_path, transform):
     for kind, path in _odd_images(tmp_path).items():
         out = transform(str(path))
@@ -183,7 +186,7 @@ def test_odd_images_load_as_rgb(tmp_path, transform):
 
 def test_odd_images_keep_their_label(tmp_path):
     files = list(_odd_images(tmp_path).values())
-    dataset = data.ImageNetDataset([(str(p), 7) for p in files], data.eval_transform(32, 40), train=False)
+    dataset = loaders.ImageNetDataset([(str(p), 7) for p in files], transforms.eval_transform(32, 40), train=False)
     assert [dataset[i][1:] for i in range(len(files))] == [(7, i, 0) for i in range(len(files))]
 
 
@@ -201,8 +204,8 @@ def _bad_files(folder):
 def test_train_replaces_bad_files_counts_and_logs_each_once(tmp_path, caplog):
     good, bad = _bad_files(tmp_path)
     samples = [(str(p), 1) for p in bad] + [(str(good), 2)]
-    dataset = data.ImageNetDataset(samples, data.train_transform(32), train=True)
-    with caplog.at_level(logging.WARNING, logger="read_ImageNetData"):
+    dataset = loaders.ImageNetDataset(samples, transforms.train_transform(32), train=True)
+    with caplog.at_level(logging.WARNING, logger="mnv2.data"):
         image, target, index, n_failed = dataset[0]
         assert (image.shape, target, index, n_failed) == ((3, 32, 32), 2, 0, 3)
         assert dataset[1][3] == 2 and dataset[3][3] == 0
@@ -212,16 +215,16 @@ def test_train_replaces_bad_files_counts_and_logs_each_once(tmp_path, caplog):
 
 def test_train_stops_after_too_many_bad_files_in_a_row(tmp_path):
     _, bad = _bad_files(tmp_path)
-    dataset = data.ImageNetDataset([(str(p), 0) for p in bad], data.train_transform(32), train=True,
+    dataset = loaders.ImageNetDataset([(str(p), 0) for p in bad], transforms.train_transform(32), train=True,
                                    max_consecutive_failures=2)
-    with pytest.raises(data.DataError, match="3 images in a row failed"):
+    with pytest.raises(imagenet.DataError, match="3 images in a row failed"):
         dataset[0]
 
 
 def test_eval_counts_bad_files_instead_of_dropping_them(tmp_path):
     good, bad = _bad_files(tmp_path)
-    dataset = data.ImageNetDataset([(str(p), 5) for p in [good] + bad], data.eval_transform(32, 40), train=False)
-    loader = data.build_loader(dataset, 2, data.EvalSampler(len(dataset)), num_workers=0)
+    dataset = loaders.ImageNetDataset([(str(p), 5) for p in [good] + bad], transforms.eval_transform(32, 40), train=False)
+    loader = loaders.build_loader(dataset, 2, loaders.EvalSampler(len(dataset)), num_workers=0)
     images, targets, indices, failed = (torch.cat(t) for t in zip(*loader))
     assert images.dtype == torch.uint8 and targets.dtype == indices.dtype == failed.dtype == torch.int64
     assert indices.tolist() == [0, 1, 2, 3] and failed.tolist() == [0, 1, 1, 1] and targets.tolist() == [5] * 4
@@ -231,7 +234,7 @@ def test_eval_counts_bad_files_instead_of_dropping_them(tmp_path):
 def test_decompression_bomb_limit_stays_on(tmp_path, monkeypatch):
     path = write_jpeg(tmp_path / "big.JPEG", size=(64, 64))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 2x over the limit: Pillow refuses
-    dataset = data.ImageNetDataset([(str(path), 0)], data.eval_transform(32, 40), train=False)
+    dataset = loaders.ImageNetDataset([(str(path), 0)], transforms.eval_transform(32, 40), train=False)
     assert dataset[0][3] == 1
 
 
@@ -245,7 +248,7 @@ def test_eval_tensors_equal_torchvision_exactly(tmp_path, resize, crop, interpol
     """uint8 comparison, tolerance 0, on JPEGs of odd sizes (portrait, landscape, upsampled, tall)."""
     mode = T.InterpolationMode(interpolation)
     reference = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(crop), T.PILToTensor()])
-    ours = data.eval_transform(crop, resize, interpolation)
+    ours = transforms.eval_transform(crop, resize, interpolation)
     for k, size in enumerate(ODD_SIZES):
         path = tmp_path / f"{k}.JPEG"
         write_jpeg(path, size, seed=k)
@@ -257,17 +260,17 @@ def test_eval_tensors_equal_torchvision_exactly(tmp_path, resize, crop, interpol
 def test_normalize_matches_torchvision_float_pipeline_bit_for_bit(tmp_path):
     path = write_jpeg(tmp_path / "a.JPEG", (301, 203))
     reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                           T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                           T.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)])
     with Image.open(path) as im:
         expected = reference(im.convert("RGB"))
-    batch = data.eval_transform()(str(path))[None]
-    out = data.normalize(batch, channels_last=True)
+    batch = transforms.eval_transform()(str(path))[None]
+    out = transforms.normalize(batch, channels_last=True)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out[0], expected)
 
 
 def test_train_boxes_and_flips_equal_torchvision_with_the_same_seed():
-    ours = data.TrainTransform(224)
+    ours = transforms.TrainTransform(224)
     image = Image.new("RGB", (500, 375))
     for seed in range(200):
         torch.manual_seed(seed)
@@ -278,7 +281,7 @@ def test_train_boxes_and_flips_equal_torchvision_with_the_same_seed():
 
 def test_train_crop_distribution_matches_torchvision():
     """Independent draws: scale, aspect ratio and box centre of ours vs torchvision's get_params (KS test)."""
-    ours, image = data.TrainTransform(224), Image.new("RGB", (500, 375))
+    ours, image = transforms.TrainTransform(224), Image.new("RGB", (500, 375))
     torch.manual_seed(1)
     a = np.array([ours.get_params(500, 375) for _ in range(3000)], dtype=float)
     torch.manual_seed(2)
@@ -295,7 +298,7 @@ def test_train_crop_distribution_matches_torchvision():
 
 def test_train_flip_rate_is_one_half(tmp_path):
     path = write_jpeg(tmp_path / "a.JPEG", (64, 48))
-    transform = data.TrainTransform(16, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
+    transform = transforms.TrainTransform(16, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
     torch.manual_seed(0)
     outs = [transform(str(path)) for _ in range(400)]
     flips = sum(not torch.equal(o, outs[0]) for o in outs)
@@ -307,15 +310,15 @@ def test_train_crop_matches_torchvision_pixels_including_reduced_decoding(tmp_pa
     """Same seed, same box: our uint8 output is torchvision's RandomResizedCrop + flip within a few grey
     levels, also for a large photo where the JPEG is decoded at 1/2 or 1/4 scale."""
     if not fast_decoder:
-        monkeypatch.setattr(data, "simplejpeg", None)
-    elif data.simplejpeg is None:
+        monkeypatch.setattr(transforms, "simplejpeg", None)
+    elif transforms.simplejpeg is None:
         pytest.skip("simplejpeg is not installed")
     size = (1200, 900)
     smooth = Image.radial_gradient("L").resize(size, Image.BICUBIC)
     Image.merge("RGB", [smooth, smooth.transpose(Image.FLIP_LEFT_RIGHT), smooth.rotate(90).resize(size)]) \
         .save(tmp_path / "photo.JPEG", quality=95)
     reference = T.Compose([T.RandomResizedCrop(112, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
-    ours = data.TrainTransform(112, scale=(0.5, 1.0))
+    ours = transforms.TrainTransform(112, scale=(0.5, 1.0))
     for seed in range(6):
         torch.manual_seed(seed)
         with Image.open(tmp_path / "photo.JPEG") as im:
@@ -328,13 +331,13 @@ def test_train_crop_matches_torchvision_pixels_including_reduced_decoding(tmp_pa
 # ---------------------------------------------------------------------------------------------- samplers
 def test_eval_sampler_covers_every_image_exactly_once():
     for n, replicas in [(10, 3), (7, 4), (3, 5)]:
-        shards = [list(data.EvalSampler(n, replicas, r)) for r in range(replicas)]
+        shards = [list(loaders.EvalSampler(n, replicas, r)) for r in range(replicas)]
         assert sorted(i for s in shards for i in s) == list(range(n))
-        assert [len(data.EvalSampler(n, replicas, r)) for r in range(replicas)] == [len(s) for s in shards]
+        assert [len(loaders.EvalSampler(n, replicas, r)) for r in range(replicas)] == [len(s) for s in shards]
 
 
 def test_train_sampler_pads_ranks_equally_and_reshuffles_each_epoch():
-    samplers = [data.TrainSampler(10, 3, r, seed=4) for r in range(3)]
+    samplers = [loaders.TrainSampler(10, 3, r, seed=4) for r in range(3)]
     shards = [list(s) for s in samplers]
     assert [len(s) for s in shards] == [4, 4, 4] and set().union(*map(set, shards)) == set(range(10))
     for s in samplers:
@@ -343,15 +346,15 @@ def test_train_sampler_pads_ranks_equally_and_reshuffles_each_epoch():
 
 
 def test_train_sampler_resume_yields_exactly_the_unseen_rest():
-    sampler = data.TrainSampler(20, seed=3)
+    sampler = loaders.TrainSampler(20, seed=3)
     sampler.set_epoch(2)
     full = list(sampler)
     sampler.set_epoch(2, skip=7)
     state = sampler.state_dict()
-    resumed = data.TrainSampler(20, seed=0)
+    resumed = loaders.TrainSampler(20, seed=0)
     resumed.load_state_dict(state)
     assert list(resumed) == full[7:] and len(resumed) == 13
-    two = [data.TrainSampler(20, 2, r) for r in range(2)]  # a 1-process state read by 2 processes
+    two = [loaders.TrainSampler(20, 2, r) for r in range(2)]  # a 1-process state read by 2 processes
     for s in two:
         s.load_state_dict(state)
     assert sorted(i for s in two for i in s) == sorted(full[6:])
@@ -373,40 +376,41 @@ def torchvision_ra_order(n, replicas, rank, reps, seed, epoch):
 def test_ra_sampler_equals_torchvisions(n, replicas, reps):
     for epoch in (0, 5):
         for rank in range(replicas):
-            sampler = data.RASampler(n, replicas, rank, seed=7, repetitions=reps)
+            sampler = loaders.RASampler(n, replicas, rank, seed=7, repetitions=reps)
             sampler.set_epoch(epoch)
             assert list(sampler) == torchvision_ra_order(n, replicas, rank, reps, 7, epoch)
             assert len(sampler) == sampler.num_samples == n // 256 * 256 // replicas
 
 
 def test_ra_sampler_sends_the_copies_of_an_image_to_different_ranks_and_keeps_small_sets():
-    shards = [list(data.RASampler(40, 4, r, repetitions=4)) for r in range(4)]
+    shards = [list(loaders.RASampler(40, 4, r, repetitions=4)) for r in range(4)]
     assert all(len(s) == 10 for s in shards)  # under 256 images the epoch is not rounded down to nothing
     assert shards[0] == shards[1] == shards[2] == shards[3]  # each rank augments its own copy of the same image
 
 
 def test_ra_sampler_resume_yields_exactly_the_unseen_rest_also_on_another_world_size():
-    sampler = data.RASampler(600, seed=3, repetitions=3)
+    sampler = loaders.RASampler(600, seed=3, repetitions=3)
     sampler.set_epoch(2)
     full = list(sampler)
     sampler.set_epoch(2, skip=96)
     state = sampler.state_dict()
-    resumed = data.RASampler(600, seed=0, repetitions=3)
+    resumed = loaders.RASampler(600, seed=0, repetitions=3)
     resumed.load_state_dict(state)
     assert list(resumed) == full[96:] and state["repetitions"] == 3
-    two = [data.RASampler(600, 2, r, repetitions=3) for r in range(2)]
+    two = [loaders.RASampler(600, 2, r, repetitions=3) for r in range(2)]
     for s in two:
         s.load_state_dict(state)
     assert [i for pair in zip(*two) for i in pair] == full[96:96 + 2 * len(two[0])]
 
 
 # ---------------------------------------------------------------------------------------------- demo
+@pytest.mark.slow
 def test_demo_dataset_reads_back_with_the_right_labels(tmp_path):
     from sklearn.datasets import load_digits
 
-    root = data.make_demo(tmp_path / "demo", train_per_class=3, val_per_class=2, image_size=16)
+    root = demo.make_demo(tmp_path / "demo", train_per_class=3, val_per_class=2, image_size=16)
     assert (root / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").is_file()
-    train, val, classes, layout = data.build_datasets(root, input_size=16, resize=16)
+    train, val, classes, layout = loaders.build_datasets(root, input_size=16, resize=16)
     assert layout.kind == "seed" and layout.val_flat and len(train) == 30 and len(val) == 20
     digits = load_digits()
     reference = digits.images.reshape(len(digits.images), -1) * (255 / 16)
@@ -414,10 +418,10 @@ def test_demo_dataset_reads_back_with_the_right_labels(tmp_path):
         for path, label in split.samples:
             pixels = np.asarray(Image.open(path).convert("L").resize((8, 8), Image.BOX), dtype=float).ravel()
             nearest = digits.target[np.argmin(((reference - pixels) ** 2).sum(1))]
-            assert classes.names[label] == f"digit {data.DEMO_DIGITS[nearest]}", path
-    devkit = data.read_classes(layout, "devkit")
+            assert classes.names[label] == f"digit {demo.DEMO_DIGITS[nearest]}", path
+    devkit = imagenet.read_classes(layout, "devkit")
     assert devkit.wnids != classes.wnids
-    again = data.make_demo(tmp_path / "again", train_per_class=3, val_per_class=2, image_size=16)
+    again = demo.make_demo(tmp_path / "again", train_per_class=3, val_per_class=2, image_size=16)
     assert sorted(p.name for p in (again / "ILSVRC2012_img_val").iterdir()) == \
         sorted(p.name for p in (root / "ILSVRC2012_img_val").iterdir())
     assert (again / "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").read_text() == \
@@ -425,8 +429,8 @@ def test_demo_dataset_reads_back_with_the_right_labels(tmp_path):
 
 
 def test_loader_batches_are_uint8_images_and_int64_tensors(fake_imagenet):
-    train, val, classes, _ = data.build_datasets(fake_imagenet["root"], input_size=24, resize=28)
-    loader = data.build_loader(train, 4, data.TrainSampler(len(train)), num_workers=0)
+    train, val, classes, _ = loaders.build_datasets(fake_imagenet["root"], input_size=24, resize=28)
+    loader = loaders.build_loader(train, 4, loaders.TrainSampler(len(train)), num_workers=0)
     images, targets, indices, failed = next(iter(loader))
     assert images.shape == (4, 3, 24, 24) and images.dtype == torch.uint8
     assert targets.dtype == indices.dtype == failed.dtype == torch.int64
@@ -470,6 +474,7 @@ def test_cli_bad_flags_exit_2(args):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_cli_data_error_is_one_line(fake_imagenet):
     fake_imagenet["meta_mat"].unlink()
     result = cli("--data-dir", fake_imagenet["root"])
@@ -477,6 +482,7 @@ def test_cli_data_error_is_one_line(fake_imagenet):
     assert result.stderr.count("\n") == 1 and "meta.mat" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_make_demo(tmp_path):
     result = cli("--make-demo", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
@@ -488,14 +494,14 @@ def test_without_devkit_a_complete_train_folder_gives_the_sorted_order(tmp_path)
     for w in wnids:
         (tmp_path / "train" / w).mkdir(parents=True)
     write_jpeg(tmp_path / "train" / wnids[7] / "a.JPEG")
-    layout = data.find_layout(tmp_path)
+    layout = imagenet.find_layout(tmp_path)
     assert layout.meta_mat is None
-    classes = data.read_classes(layout, "sorted")
+    classes = imagenet.read_classes(layout, "sorted")
     assert classes.wnids == wnids
-    assert labels_of(data.list_samples(layout, "train", classes)) == {"a.JPEG": 7}
-    with pytest.raises(data.DataError, match="devkit needs|ILSVRC2012 IDs"):
-        data.read_classes(layout, "devkit")
+    assert labels_of(imagenet.list_samples(layout, "train", classes)) == {"a.JPEG": 7}
+    with pytest.raises(imagenet.DataError, match="devkit needs|ILSVRC2012 IDs"):
+        imagenet.read_classes(layout, "devkit")
     # One class folder fewer would shift every later label: refused, not guessed.
     shutil.rmtree(tmp_path / "train" / wnids[3])
-    with pytest.raises(data.DataError, match="999 <wnid>/ folders"):
-        data.read_classes(layout, "sorted")
+    with pytest.raises(imagenet.DataError, match="999 <wnid>/ folders"):
+        imagenet.read_classes(layout, "sorted")

@@ -3,8 +3,8 @@ import contextlib
 import csv
 import hashlib
 import json
-import sys
 import socket
+import sys
 
 import pytest
 import torch
@@ -16,13 +16,16 @@ from PIL import Image
 from torch import nn
 
 import evaluate as ev
-import inference
-import weights
-from MobileNetV2 import MobileNetV2
-from read_ImageNetData import (EvalSampler, eval_transform, find_layout, list_samples, make_demo, normalize,
-                               read_classes)
+import helpers
 from helpers import LAYOUTS as PUBLIC_LAYOUTS  # each public layout written independently of the loader
 from helpers import RunsCode
+from mnv2 import scoring, weights
+from mnv2.data.demo import make_demo
+from mnv2.data.imagenet import find_layout, list_samples, read_classes
+from mnv2.data.loaders import EvalSampler
+from mnv2.data.transforms import eval_transform, normalize
+from mnv2.deploy import export, inference
+from MobileNetV2 import MobileNetV2
 
 SIZE, RESIZE = 32, 36  # tiny images keep every end-to-end run well under a second
 PRE = ["--resize", str(RESIZE), "--crop", str(SIZE)]
@@ -124,10 +127,10 @@ def test_accuracy_counts_equal_hand_computed_values():
                            [1., 2, 3, 4, 5, 6, 9],    # target 2: rank 5, a top-5 hit
                            [5., 4, 3, 2, 1, 0, 9]])   # target 0: rank 2
     targets = torch.tensor([0, 6, 2, 0])
-    assert ev.accuracy_counts(logits, targets) == [1, 3]
-    assert ev.accuracy_counts(logits, targets, topk=(1, 2, 7)) == [1, 2, 4]
+    assert scoring.accuracy_counts(logits, targets) == [1, 3]
+    assert scoring.accuracy_counts(logits, targets, topk=(1, 2, 7)) == [1, 2, 4]
     # fewer classes than k: top-5 of 3 classes is every class
-    assert ev.accuracy_counts(logits[:, :3], torch.tensor([0, 1, 2, 1])) == [3, 4]
+    assert scoring.accuracy_counts(logits[:, :3], torch.tensor([0, 1, 2, 1])) == [3, 4]
 
 
 class TableModel(nn.Module):
@@ -160,7 +163,7 @@ def test_evaluate_scores_failed_images_as_misses_and_keeps_them_out_of_the_loss(
                           [0., 9, 0, 0, 0, 0],   # target 1: top-1
                           [1., 2, 3, 4, 5, 9],   # target 2: rank 4
                           [5., 9, 8, 7, 0, 0]])  # target 0: rank 4
-    result = ev.evaluate(TableModel(table), _table_batches(7, 3, failed={1}), "cpu", progress=False)
+    result = scoring.evaluate(TableModel(table), _table_batches(7, 3, failed={1}), "cpu", progress=False)
     assert result["images"] == 7 and result["failed"] == 1
     assert result["top1"] == pytest.approx(100 * 2 / 7)   # images 0 and 4
     assert result["top5"] == pytest.approx(100 * 5 / 7)   # images 0, 2, 4, 5, 6
@@ -173,7 +176,7 @@ def test_evaluate_scores_failed_images_as_misses_and_keeps_them_out_of_the_loss(
 def test_evaluate_restores_training_mode_and_returns_sorted_predictions():
     table = torch.randn(5, 4)
     model = TableModel(table).train()
-    result = ev.evaluate(model, list(reversed(_table_batches(5, 2))), "cpu", progress=False,
+    result = scoring.evaluate(model, list(reversed(_table_batches(5, 2))), "cpu", progress=False,
                          collect_predictions=True, per_class=True)
     assert model.training
     assert [p["index"] for p in result["predictions"]] == [0, 1, 2, 3, 4]
@@ -188,25 +191,23 @@ def _distributed_worker(rank, world, port, table, n_images, out):
         images = _table_batches(n_images, 1, failed={3})
         mine = [images[i] for i in EvalSampler(n_images, world, rank)]
         shard = [tuple(torch.cat(parts) for parts in zip(*mine[i:i + 2])) for i in range(0, len(mine), 2)]
-        result = ev.evaluate(TableModel(table), shard, "cpu", progress=False, collect_predictions=True,
+        result = scoring.evaluate(TableModel(table), shard, "cpu", progress=False, collect_predictions=True,
                              per_class=True)
         torch.save(result, f"{out}/rank{rank}.pt")
         # fewer images than processes: a rank with nothing to do still takes part
-        alone = ev.evaluate(TableModel(table), shard[:1] if rank == 0 else [], "cpu", progress=False,
+        alone = scoring.evaluate(TableModel(table), shard[:1] if rank == 0 else [], "cpu", progress=False,
                             per_class=True)
         torch.save(alone, f"{out}/alone{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_counts_every_image_exactly_once(tmp_path):
     torch.manual_seed(0)
     n_images, table = 7, torch.randn(7, 5)   # 7 images over 2 ranks: 4 + 3, no padding duplicates
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, table, n_images, str(tmp_path)), nprocs=2, join=True)
-    single = ev.evaluate(TableModel(table), _table_batches(n_images, 3, failed={3}), "cpu", progress=False,
+    mp.spawn(_distributed_worker, args=(2, helpers.free_port(), table, n_images, str(tmp_path)), nprocs=2, join=True)
+    single = scoring.evaluate(TableModel(table), _table_batches(n_images, 3, failed={3}), "cpu", progress=False,
                          collect_predictions=True, per_class=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -220,6 +221,7 @@ def test_two_process_evaluation_counts_every_image_exactly_once(tmp_path):
 
 # ---- inference speed path --------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [0.35, 1.0])
 def test_prepare_for_inference_folds_every_batchnorm_and_keeps_logits_within_1e4(width):
     from bench.bench_eval import random_model  # BatchNorm statistics far from the identity
@@ -238,6 +240,7 @@ def test_prepare_for_inference_folds_every_batchnorm_and_keeps_logits_within_1e4
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "original changed"
 
 
+@pytest.mark.slow
 def test_eval_loop_agrees_with_torchvision_plain_loop():
     import bench.bench_eval as bench  # the benchmark's own check, at a size that runs in a second
     result = bench.run(batch_size=4, batches=2, repeats=1, image_size=64)
@@ -246,6 +249,7 @@ def test_eval_loop_agrees_with_torchvision_plain_loop():
 
 # ---- scoring from the command line --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scores_equal_a_per_image_computation_by_hand(trained, demo, tmp_path):
     result = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, "--batch-size", 7,
                  "--json", tmp_path / "r.json", *PRE)
@@ -260,6 +264,7 @@ def test_scores_equal_a_per_image_computation_by_hand(trained, demo, tmp_path):
     assert saved["class_order"] == "sorted" and saved["preprocessing"]["resize"] == RESIZE
 
 
+@pytest.mark.slow
 def test_plain_and_fast_paths_give_the_same_scores(trained, demo):
     fast = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, *PRE)
     plain = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, "--plain", *PRE)
@@ -267,6 +272,7 @@ def test_plain_and_fast_paths_give_the_same_scores(trained, demo):
     assert fast["loss"] == pytest.approx(plain["loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_onnxruntime_and_torch_backends_give_the_same_scores(trained, demo):
     runs = {backend: run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0,
                          "--backend", backend, *PRE) for backend in ("onnxruntime", "torch")}
@@ -331,6 +337,7 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(PUBLIC_LAYOUTS))
 def test_the_same_weights_in_every_public_layout_score_identically(layout, trained, demo, tmp_path):
     path = tmp_path / "weights.pth"
@@ -341,6 +348,7 @@ def test_the_same_weights_in_every_public_layout_score_identically(layout, train
     assert result["top5"] == pytest.approx(100 * trained["hits5"].sum().item() / n)
 
 
+@pytest.mark.slow
 def test_devkit_order_and_sorted_order_weights_both_score_right(trained, demo, tmp_path):
     devkit = tmp_path / "devkit.pth"
     torch.save(_devkit_state_dict(trained, demo), devkit)
@@ -362,6 +370,7 @@ def _constant_model(path, levels):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["sorted", "devkit"])
 def test_constant_predictions_score_exactly_the_share_of_their_classes(order, fake_imagenet_factory,
                                                                        tmp_path):
@@ -381,6 +390,7 @@ def test_constant_predictions_score_exactly_the_share_of_their_classes(order, fa
     assert result["top5"] == pytest.approx(100 * (wnids.count(a) + wnids.count(b)) / 7)
 
 
+@pytest.mark.slow
 def test_checkpoint_brings_its_own_class_order_and_input_size(trained, demo, tmp_path):
     classes = read_classes(find_layout(demo), "devkit")
     checkpoint = {
@@ -400,6 +410,7 @@ def test_checkpoint_brings_its_own_class_order_and_input_size(trained, demo, tmp
     assert result["top1"] == pytest.approx(100 * trained["hits1"].sum().item() / len(trained["labels"]))
 
 
+@pytest.mark.slow
 def test_a_val_subset_is_scored_on_exactly_its_images(trained, demo):
     result = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, "--max-images", 9,
                  *PRE)
@@ -407,6 +418,7 @@ def test_a_val_subset_is_scored_on_exactly_its_images(trained, demo):
     assert result["top1"] == pytest.approx(100 * trained["hits1"][:9].sum().item() / 9)
 
 
+@pytest.mark.slow
 def test_decode_failures_are_counted_as_misses_and_reported(trained, demo, tmp_path, capsys):
     import shutil
     copy = tmp_path / "imagenet"
@@ -424,6 +436,7 @@ def test_decode_failures_are_counted_as_misses_and_reported(trained, demo, tmp_p
     assert "failed to decode: 2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_per_class_and_prediction_files_agree_with_the_totals(trained, demo, tmp_path):
     result = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, *PRE,
                  "--per-class", tmp_path / "per_class.csv", "--predictions", tmp_path / "pred.csv")
@@ -445,6 +458,7 @@ def test_per_class_and_prediction_files_agree_with_the_totals(trained, demo, tmp
 
 # ---- single images ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_single_images_print_top5_names_and_probabilities(trained, demo, capsys):
     files = [p for p, _ in trained["samples"][:2]]
     out = run("--weights", trained["path"], "--data-dir", demo, *files, *PRE)["image_predictions"]
@@ -461,6 +475,7 @@ def test_single_images_print_top5_names_and_probabilities(trained, demo, capsys)
     assert len(out) == len(trained["samples"]) and all(len(e["top"]) == 3 for e in out)
 
 
+@pytest.mark.slow
 def test_single_images_without_devkit_use_torchvision_names(trained, capsys):
     file = trained["samples"][0][0]
     out = run("--weights", trained["path"], file, *PRE)["image_predictions"]
@@ -468,6 +483,7 @@ def test_single_images_without_devkit_use_torchvision_names(trained, capsys):
     assert out[0]["top"][0]["name"] == categories[out[0]["top"][0]["index"]]
 
 
+@pytest.mark.slow
 def test_an_image_that_does_not_decode_is_one_line_and_a_nonzero_exit(trained, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
@@ -478,6 +494,7 @@ def test_an_image_that_does_not_decode_is_one_line_and_a_nonzero_exit(trained, t
 
 # ---- export ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_onnx_and_torchscript_exports_pass_their_parity_check(trained, tmp_path):
     onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.pt"
@@ -499,7 +516,7 @@ def test_onnx_and_torchscript_exports_pass_their_parity_check(trained, tmp_path)
 
 
 def test_an_export_that_disagrees_fails(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(inference, "export_torchscript", lambda *a, **k: 3e-3)
+    monkeypatch.setattr(export, "export_torchscript", lambda *a, **k: 3e-3)
     code, err = error_of(capsys, "--weights", trained["path"], "--export-torchscript", tmp_path / "m.pt")
     assert code == 1 and len(err) == 1 and "3.00e-03" in err[0]
 
@@ -508,15 +525,15 @@ def test_an_export_that_disagrees_fails(trained, tmp_path, capsys, monkeypatch):
 
 def test_known_weights_table_matches_torchvision_weights_api():
     api = torchvision.models.MobileNet_V2_Weights
-    for name in ev.DOWNLOADABLE:
-        entry = ev.KNOWN_WEIGHTS[name]
-        weights = getattr(api, entry["torchvision"])
-        metrics = weights.meta["_metrics"]["ImageNet-1K"]
-        assert weights.url == entry["url"] and weights.url.endswith(entry["file"])
+    for name in weights.DOWNLOADABLE:
+        entry = weights.KNOWN_WEIGHTS[name]
+        enum = getattr(api, entry["torchvision"])
+        metrics = enum.meta["_metrics"]["ImageNet-1K"]
+        assert enum.url == entry["url"] and enum.url.endswith(entry["file"])
         published = entry["published"]
         assert (metrics["acc@1"], metrics["acc@5"]) == (published["top1"], published["top5"])
-        resize = weights.transforms.keywords.get("resize_size", 256)
-        assert (resize, weights.transforms.keywords["crop_size"]) == \
+        resize = enum.transforms.keywords.get("resize_size", 256)
+        assert (resize, enum.transforms.keywords["crop_size"]) == \
             (entry["preprocessing"]["resize"], entry["preprocessing"]["input_size"])
         # torch.hub names files by their sha256's first hex digits
         assert entry["file"].split("-")[1].split(".")[0] == entry["sha256"][:8]
@@ -531,16 +548,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.mark.parametrize("name", ev.DOWNLOADABLE)
+@pytest.mark.parametrize("name", weights.DOWNLOADABLE)
 def test_named_public_weights_offline_fail_with_url_and_destination(name, tmp_path, capsys, no_network):
     code, err = error_of(capsys, "--weights", name, "--pretrained-dir", tmp_path, "--export-onnx",
                          tmp_path / "m.onnx")
-    entry = ev.KNOWN_WEIGHTS[name]
+    entry = weights.KNOWN_WEIGHTS[name]
     assert code == 1 and len(err) == 1
     assert entry["url"] in err[0] and str(tmp_path / entry["file"]) in err[0]
     assert not any(tmp_path.iterdir()), "nothing partial may be left behind"
 
 
+@pytest.mark.slow
 def test_named_weights_are_checksum_verified_and_recognised(trained, tmp_path, monkeypatch, capsys):
     # a local file stands in for the server: the real download and checksum code runs, offline
     served = tmp_path / "served.pth"
@@ -548,7 +566,7 @@ def test_named_weights_are_checksum_verified_and_recognised(trained, tmp_path, m
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
     monkeypatch.setattr(weights, "_torchvision_url", lambda entry: served.as_uri())
     store = tmp_path / "pretrained"
-    entry = ev.KNOWN_WEIGHTS["torchvision-v2"]
+    entry = weights.KNOWN_WEIGHTS["torchvision-v2"]
 
     monkeypatch.setitem(entry, "sha256", "0" * 64)   # the served file is not the published one
     code, err = error_of(capsys, "--weights", "torchvision-v2", "--pretrained-dir", store,
@@ -563,10 +581,11 @@ def test_named_weights_are_checksum_verified_and_recognised(trained, tmp_path, m
     assert "recognised torchvision-v2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_recognised_file_gets_its_published_preprocessing_unless_flags_say_otherwise(
         trained, demo, monkeypatch):
     digest = hashlib.sha256(trained["path"].read_bytes()).hexdigest()
-    monkeypatch.setitem(ev.KNOWN_WEIGHTS["torchvision-v2"], "sha256", digest)
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS["torchvision-v2"], "sha256", digest)
     file = trained["samples"][0][0]
     auto = run("--weights", trained["path"], file)
     assert auto["known_weights"] == "torchvision-v2"
@@ -613,6 +632,7 @@ def _truncated(tmp_path, trained):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, code, needle", [
     ("missing weights", 2, "no such file"),
     ("missing data dir", 2, "no such directory"),

@@ -15,11 +15,11 @@ from PIL import Image
 from torch import nn
 
 import evaluate
-import image_folders
-import outputs
 import train
-import weights
 from helpers import load_checkpoint, run_main, run_script
+from mnv2 import outputs, scoring, weights
+from mnv2.data import folders as image_folders
+from mnv2.data.demo import make_folder_demo
 from MobileNetV2 import MobileNetV2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def train_args(data, out, *extra):
 def source(tmp_path_factory):
     """The weights to start from: trained on 40 digits per class in folders named zero..nine (seconds)."""
     root = tmp_path_factory.mktemp("source")
-    data = image_folders.make_demo(root / "digits", seed=1, per_class=40)
+    data = make_folder_demo(root / "digits", seed=1, per_class=40)
     args = train_args(data, root / "out", "--width-mult", "0.25", "--batch-size", "16", "--num-epochs", "10",
                       "--lr", "0.02", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--no-augment",
                       "--save-epoch-freq", "100")
@@ -50,7 +50,7 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """photos/<odd name>/ with 16 digits each, .jpg and .png mixed, plus a note and a hidden file."""
-    root = image_folders.make_demo(tmp_path_factory.mktemp("photos") / "photos", seed=5, per_class=16)
+    root = make_folder_demo(tmp_path_factory.mktemp("photos") / "photos", seed=5, per_class=16)
     for plain, odd in ODD_NAMES.items():
         if plain != odd:
             (root / plain).rename(root / odd)
@@ -75,6 +75,7 @@ def finetuned(source, photos, tmp_path_factory):
     return out, finetune_run(photos, out, "--pretrained", source, "--lr", "0.01", "--warmup-epochs", "1")
 
 
+@pytest.mark.slow
 def test_finetune_from_a_trained_checkpoint_beats_training_from_scratch(finetuned, photos, tmp_path):
     out, tuned = finetuned
     scratch = finetune_run(photos, tmp_path / "scratch", "--lr", "0.01", "--warmup-epochs", "1")
@@ -84,6 +85,7 @@ def test_finetune_from_a_trained_checkpoint_beats_training_from_scratch(finetune
     assert best_tuned >= 40 and best_tuned - best_scratch >= 25, (best_tuned, best_scratch)
 
 
+@pytest.mark.slow
 def test_names_travel_from_the_folders_through_the_checkpoint_to_evaluate(finetuned, photos, capsys):
     out, tuned = finetuned
     names = sorted(ODD_NAMES.values())
@@ -111,6 +113,7 @@ def test_names_travel_from_the_folders_through_the_checkpoint_to_evaluate(finetu
     assert (out / "eval_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_pretrained_loads_every_tensor_that_fits_and_starts_the_classifier_afresh(source, photos, tmp_path, capsys):
     capsys.readouterr()
     tuned = finetune_run(photos, tmp_path / "out", "--pretrained", source, "--num-epochs", "1", "--freeze-backbone")
@@ -129,6 +132,7 @@ def test_pretrained_loads_every_tensor_that_fits_and_starts_the_classifier_afres
     assert not torch.equal(full["model"]["features.0.1.running_mean"], file["features.0.1.running_mean"])
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_plain_loop_result_and_resume_bit_exactly(source, photos, tmp_path):
     flags = ("--pretrained", source, "--freeze-backbone", "--num-epochs", "2", "--dropout", "0.2")
     cached = finetune_run(photos, tmp_path / "cached", *flags)
@@ -162,6 +166,7 @@ def test_the_pretrained_recipe_is_a_set_of_defaults_that_flags_override():
     assert (mine.lr, mine.augment, mine.num_epochs, mine.width_mult) == (0.045, True, 400, 1.0)
 
 
+@pytest.mark.slow
 def test_mean_and_std_are_recorded_and_a_recognised_file_brings_its_own(source, photos, tmp_path, monkeypatch):
     bare = tmp_path / "bare.pth"
     torch.save(load_checkpoint(source)["model"], bare)
@@ -197,6 +202,7 @@ def test_named_pretrained_weights_offline_fail_with_url_and_destination(photos, 
     assert str(tmp_path / "mobilenet_v2-b0353104.pth") in lines[0]
 
 
+@pytest.mark.slow
 def test_wnid_folders_are_scored_with_imagenet_weights_by_their_true_index(tmp_path):
     wnids = image_folders.imagenet_classes()[0]
     always, other = wnids[500], wnids[20]  # sorted: `other` is folder 0, `always` folder 1, but class 500
@@ -236,7 +242,7 @@ def test_mean_per_class_accuracy_and_the_confusion_matrix_count_exactly(tmp_path
     predicted = torch.tensor([0, 0, 0, 0, 0, 2, 0, 0, 2, 2])
     images = predicted.float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
     loader = [(images, targets, torch.arange(10), torch.zeros(10, dtype=torch.int64))]
-    result = evaluate.evaluate(FixedLogits(3), loader, "cpu", channels_last=False, progress=False, per_class=True,
+    result = scoring.evaluate(FixedLogits(3), loader, "cpu", channels_last=False, progress=False, per_class=True,
                                confusion=True)
     assert result["top1"] == pytest.approx(70.0)
     assert result["mean_class_top1"] == pytest.approx((100 * 5 / 6 + 0 + 100) / 3)
@@ -250,6 +256,7 @@ def test_mean_per_class_accuracy_and_the_confusion_matrix_count_exactly(tmp_path
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_load_matching_takes_what_fits_and_names_a_width_that_does_not(tmp_path):
     torch.manual_seed(0)
     imagenet = MobileNetV2(width_mult=0.25)
@@ -265,6 +272,7 @@ def test_load_matching_takes_what_fits_and_names_a_width_that_does_not(tmp_path)
         weights.load_matching(MobileNetV2(num_classes=3, width_mult=0.5), tmp_path / "imagenet.pth")
 
 
+@pytest.mark.slow
 def test_a_folder_trained_checkpoint_exports_and_quantizes_with_its_names_and_held_out_images(finetuned, photos,
                                                                                                tmp_path):
     """The float ONNX export and quantize.py's INT8 file of a fine-tuned checkpoint carry the folder names and

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import fused_batchnorm
 import train
-from fused_batchnorm import FusedBatchNorm2d
+from mnv2.training import fused_batchnorm
+from mnv2.training.fused_batchnorm import FusedBatchNorm2d
 from MobileNetV2 import MobileNetV2, ReLU6
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ def test_kernel_agrees_with_float64_arithmetic(kernel, shape, relu6):
         assert out.min() == 0 and out.max() == 6
 
 
+@pytest.mark.slow
 def test_a_swapped_model_keeps_its_names_and_trains_as_pytorch_does(kernel):
     torch.manual_seed(0)
     model = MobileNetV2(num_classes=10, width_mult=0.35).to(memory_format=torch.channels_last)
@@ -124,6 +125,7 @@ def test_inputs_the_kernel_does_not_cover_run_pytorchs_layers(case):
     assert torch.equal(fused.running_mean, reference[0].running_mean)
 
 
+@pytest.mark.slow
 def test_train_py_uses_the_kernel_on_the_cpu_and_can_be_told_not_to(kernel, demo_data, tmp_path, capsys):
     data = demo_data
     common = ["--data-dir", str(data), "--batch-size", "8", "--num-epochs", "1", "--width-mult", "0.25",
@@ -134,6 +136,7 @@ def test_train_py_uses_the_kernel_on_the_cpu_and_can_be_told_not_to(kernel, demo
     assert "fused" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_without_a_compiler_training_goes_on_with_a_note(demo_data, tmp_path):
     data = demo_data
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), CXX=str(tmp_path / "no-such-compiler"))
@@ -147,6 +150,7 @@ def test_without_a_compiler_training_goes_on_with_a_note(demo_data, tmp_path):
     assert (tmp_path / "out" / "last.pth").exists()
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_the_swapped_model_as_one_graph(kernel):
     model = MobileNetV2(num_classes=10, width_mult=0.35).to(memory_format=torch.channels_last)
     fused_batchnorm.use_for_cpu_training(model)

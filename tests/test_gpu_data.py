@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import gpu_data
 import helpers
-import read_ImageNetData as data
 import train
-from read_ImageNetData import EvalTransform, TrainTransform, decode_rgb
+from mnv2.data import gpu_decode as gpu_data
+from mnv2.data import loaders
+from mnv2.data.transforms import EvalTransform, TrainTransform, decode_rgb
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ GOOD_ODD, BAD = ["png_as_jpeg", "cmyk", "grayscale"], ["truncated", "empty", "ra
 
 
 def device_loader(dataset, train_set=None, size=32):
-    loader = data.build_loader(gpu_data.device_dataset(dataset), 4, data.EvalSampler(len(dataset)), num_workers=0,
+    loader = loaders.build_loader(gpu_data.device_dataset(dataset), 4, loaders.EvalSampler(len(dataset)), num_workers=0,
                                pin_memory=False, collate_fn=gpu_data.collate)
     return gpu_data.DeviceLoader(loader, gpu_data.Decoder(size, "cpu", fallback=train_set), prefetch=False)
 
@@ -163,7 +163,7 @@ def test_odd_files_decode_as_rgb_and_broken_ones_are_counted_as_on_the_cpu_backe
     for k, kind in enumerate(GOOD_ODD + BAD):
         write_odd(info["train"][k][0], kind, seed=k)
         write_odd(info["val"][k][0], kind, seed=k)
-    train_set, val_set, classes, _ = data.build_datasets(info["root"], input_size=32, resize=36)
+    train_set, val_set, classes, _ = loaders.build_datasets(info["root"], input_size=32, resize=36)
     index = classes.index_of()
     # evaluation: every file scored, the three broken ones as counted misses with their own labels
     images, targets, indices, failed = (torch.cat(t) for t in zip(*device_loader(val_set)))
@@ -224,6 +224,7 @@ def parse(data_dir, out, *extra):
          "--device", "cpu", *extra])
 
 
+@pytest.mark.slow
 def test_train_with_the_gpu_backend_on_the_cpu_trains_and_resumes_exactly(demo_data, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert helpers.run_main(train, parse(demo_data, straight, "--data-backend", "gpu", "--num-epochs", "2")) == 0

@@ -11,9 +11,9 @@ import pytest
 import torchvision
 from PIL import Image
 
-import image_folders as folders
-import read_ImageNetData as data
+import read_ImageNetData
 from helpers import fake_synsets, run_script
+from mnv2.data import demo, folders, imagenet
 
 ODD_NAMES = ["tulip", "Rosé rouge", "daisy", "Ölbaum 橄榄", "rose"]
 FORMATS = {".jpg": "JPEG", ".JPEG": "JPEG", ".png": "PNG", ".Png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}
@@ -94,9 +94,9 @@ def test_a_broken_folder_dataset_is_one_line_naming_it(case, needle, tmp_path):
     else:
         root = tmp_path / "flat"
         write_image(root / "a.jpg")
-    code, err, _ = run_script(folders, "--data-dir", root)
+    code, err, _ = run_script(read_ImageNetData, "--data-dir", root)
     lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("image_folders.py: error: ")
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("read_ImageNetData.py: error: ")
     assert needle in lines[0], lines[0]
 
 
@@ -131,7 +131,7 @@ def test_val_split_is_seeded_stratified_and_independent_per_class(tmp_path):
 def test_the_wnid_table_is_imagenets_1000_classes_in_sorted_order_with_torchvisions_names():
     wnids, names, words = folders.imagenet_classes()
     assert len(wnids) == len(set(wnids)) == 1000 and list(wnids) == sorted(wnids)
-    assert all(data.WNID.match(w) for w in wnids)
+    assert all(imagenet.WNID.match(w) for w in wnids)
     categories = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
     assert list(names) == categories
     # published facts: the first and last classes, and the one the devkit numbers 1
@@ -147,6 +147,7 @@ def _wnid_folders(root, wnids, split="train"):
     return root
 
 
+@pytest.mark.slow
 def test_imagenet_layouts_stay_with_read_imagenetdata_and_wnid_subsets_map_to_true_indices(tmp_path,
                                                                                           fake_imagenet_factory):
     # every ImageNet layout keeps today's reader
@@ -176,24 +177,25 @@ def test_imagenet_layouts_stay_with_read_imagenetdata_and_wnid_subsets_map_to_tr
 def test_model_index_goes_by_names_then_wnids_and_by_position_only_without_names():
     saved = {"order": "folders", "names": ["daisy", "rose", "tulip"], "wnids": ["", "", ""]}
     assert folders.model_index(["daisy", "tulip"], saved, 3, "folders") == {"daisy": 0, "tulip": 2}
-    with pytest.raises(data.DataError, match="'lily' is not among the 3 class names"):
+    with pytest.raises(imagenet.DataError, match="'lily' is not among the 3 class names"):
         folders.model_index(["daisy", "lily"], saved, 3, "folders")
     wnids = list(folders.imagenet_classes()[0])
     assert folders.model_index([wnids[5], wnids[2]], None, 1000, "sorted") == {wnids[5]: 5, wnids[2]: 2}
-    with pytest.raises(data.DataError, match="devkit"):
+    with pytest.raises(imagenet.DataError, match="devkit"):
         folders.model_index([wnids[5]], None, 1000, "devkit")
     notes = []
     assert folders.model_index(["b", "a"], None, 2, "sorted", log=notes.append) == {"b": 0, "a": 1}
     assert "no class names" in notes[0]
-    with pytest.raises(data.DataError, match="no way to match"):
+    with pytest.raises(imagenet.DataError, match="no way to match"):
         folders.model_index(["a", "b", "c"], None, 2, "sorted")
 
 
+@pytest.mark.slow
 def test_make_demo_writes_named_digit_folders_of_jpg_and_png(tmp_path):
-    code, _, out = run_script(folders, "--make-demo", tmp_path / "digits")
+    code, _, out = run_script(read_ImageNetData, "--make-demo", tmp_path / "digits", "--demo-layout", "folders")
     assert code == 0
     found, skipped = folders.scan_classes(tmp_path / "digits")
-    assert sorted(found) == sorted(data.DEMO_DIGITS) and sum(map(len, found.values())) == 1797
+    assert sorted(found) == sorted(demo.DEMO_DIGITS) and sum(map(len, found.values())) == 1797
     assert {Path(f).suffix for files in found.values() for f in files} == {".jpg", ".png"}
-    code, _, out = run_script(folders, "--data-dir", tmp_path / "digits", "--val-split", "0.1")
+    code, _, out = run_script(read_ImageNetData, "--data-dir", tmp_path / "digits", "--val-split", "0.1")
     assert code == 0 and "10 classes; 1618 train / 179 val images" in out and "  zero" in out

@@ -3,6 +3,8 @@ changed, and the tests after it find the state as it was."""
 import os
 from pathlib import Path
 
+import pytest
+
 pytest_plugins = ["pytester"]
 
 CONFTEST = Path(__file__).with_name("conftest.py")
@@ -45,6 +47,7 @@ def test_later_tests_find_everything_put_back():
 '''
 
 
+@pytest.mark.slow
 def test_a_test_that_leaves_global_state_changed_fails_and_later_tests_find_it_put_back(pytester, monkeypatch):
     # In a process of its own, so that nothing the leaky tests do can reach this one; the copied conftest
     # finds the repo's modules and the tests' helpers through PYTHONPATH.

@@ -6,10 +6,11 @@ import torchvision
 from torch import nn
 
 from helpers import LAYOUTS, RunsCode, to_dli14, to_seed, to_timm
-from checkpoint import WeightsError, read_weights
-from checkpoint import digest as checkpoint_digest
+from mnv2.checkpoint import WeightsError
+from mnv2.checkpoint import digest as checkpoint_digest
+from mnv2.checkpoint import read_weights
+from mnv2.weights import load_model, to_torchvision_keys
 from MobileNetV2 import STAGES, MobileNetV2, ReLU6, global_average_pool
-from weights import load_model, to_torchvision_keys
 
 TORCHVISION_PARAMS = {0.35: 1_677_128, 0.5: 1_968_680, 0.75: 2_636_424, 1.0: 3_504_872, 1.4: 6_108_776}
 
@@ -29,6 +30,7 @@ def test_stage_table_is_the_papers_table_2():
                       [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 97])
 def test_outputs_equal_torchvision_with_its_weights(size):
     torch.manual_seed(0)
@@ -132,6 +134,7 @@ def reference():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_public_layout_loads_and_gives_the_same_outputs(layout, reference, tmp_path):
     path = tmp_path / "weights.pth"
@@ -250,6 +253,7 @@ def test_torchvision_reference_checkpoint_with_namespace_args_loads(reference, t
         assert torch.equal(load_model(path)(x), reference(x))
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_the_training_model_as_one_graph():
     model = MobileNetV2(num_classes=10, width_mult=0.35).train()
     x = torch.randn(2, 3, 32, 32)

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import evaluate as ev
-import inference
-import quantization
 import quantize
 from helpers import run_script
+from mnv2.data.demo import make_demo
+from mnv2.data.imagenet import find_layout, list_samples, read_classes
+from mnv2.data.transforms import eval_transform, normalize
+from mnv2.deploy import export, inference, onnx_weights, ptq, quantization
 from MobileNetV2 import MobileNetV2
-from read_ImageNetData import eval_transform, find_layout, list_samples, make_demo, normalize, read_classes
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -105,6 +106,7 @@ def _initializers(graph):
 
 # ---- the file ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_file_holds_int8_weights_one_scale_per_output_channel_rounded_as_bias_correction_assumes(int8,
                                                                                                      weights):
     _, path, _ = int8
@@ -129,9 +131,10 @@ def test_the_file_holds_int8_weights_one_scale_per_output_channel_rounded_as_bia
     assert producer[graph.output[0].name].op_type == "Gemm"
 
 
+@pytest.mark.slow
 def test_the_file_carries_class_order_names_preprocessing_and_recipe(int8, weights):
     result, path, _ = int8
-    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[inference.METADATA_KEY])
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[export.METADATA_KEY])
     classes = weights["classes"]
     assert meta["classes"] == {"order": "sorted", "wnids": classes.wnids, "names": classes.names}
     assert meta["data"] == {"input_size": SIZE, "resize": RESIZE, "interpolation": "bilinear",
@@ -141,6 +144,7 @@ def test_the_file_carries_class_order_names_preprocessing_and_recipe(int8, weigh
     assert meta["int8"]["bias_correction"] is True and meta["int8"]["source_sha256"] == result["sha256"]
 
 
+@pytest.mark.slow
 def test_int8_logits_follow_the_float_model_in_a_quarter_of_the_bytes(int8, weights, data):
     result, path, out = int8
     assert result["onnx"]["bytes"] < 0.35 * result["onnx"]["float_bytes"]
@@ -155,7 +159,7 @@ def test_int8_logits_follow_the_float_model_in_a_quarter_of_the_bytes(int8, weig
     x = normalize(torch.stack([eval_transform(SIZE, RESIZE)(p) for p, _ in val]))
     with torch.no_grad():
         want = weights["model"](x)
-    got = inference.OnnxFileModel(path)(x)
+    got = onnx_weights.OnnxFileModel(path)(x)
     sqnr = 10 * torch.log10((want ** 2).sum() / ((got - want) ** 2).sum())
     assert sqnr > 25, f"signal-to-quantization-noise {sqnr:.1f} dB"
     assert "INT8 ONNX: top-1" in out and "speed in onnxruntime" in out
@@ -164,6 +168,7 @@ def test_int8_logits_follow_the_float_model_in_a_quarter_of_the_bytes(int8, weig
 
 # ---- evaluate.py reads it like any weights -------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluate_scores_the_int8_file_without_flags_as_quantize_reported(int8, data, tmp_path):
     result, path, _ = int8
     per_class = tmp_path / "per_class.csv"
@@ -178,6 +183,7 @@ def test_evaluate_scores_the_int8_file_without_flags_as_quantize_reported(int8, 
     assert json.loads((tmp_path / "eval.json").read_text())["top1"] == pytest.approx(scored["top1"])
 
 
+@pytest.mark.slow
 def test_single_images_get_the_names_the_file_carries(int8, data, weights, capsys):
     _, path, _ = int8
     image = sorted((data / "ILSVRC2012_img_val").iterdir())[0]
@@ -230,12 +236,13 @@ def test_bias_correction_removes_the_mean_shift_that_rounding_the_weights_causes
     assert all(a < b / 100 for a, b in zip(after, before)), (before, after)
 
 
+@pytest.mark.slow
 def test_calibration_draw_is_seeded_and_never_meets_the_scored_images(data, weights, tmp_path):
     classes = weights["classes"]
     quiet = [].append
-    a = quantize.split_images(data, classes, 20, None, 0, quiet)
-    again = quantize.split_images(data, classes, 20, None, 0, quiet)
-    other = quantize.split_images(data, classes, 20, None, 1, quiet)
+    a = ptq.split_images(data, classes, 20, None, 0, quiet)
+    again = ptq.split_images(data, classes, 20, None, 0, quiet)
+    other = ptq.split_images(data, classes, 20, None, 1, quiet)
     assert a[0] == again[0] and a[0] != other[0] and len(a[0]) == 20
     assert a[2] == "val" and not {p for p, _ in a[0]} & {p for p, _ in a[1]}
     assert all("ILSVRC2012_img_train" in str(p) for p, _ in a[0])
@@ -243,17 +250,18 @@ def test_calibration_draw_is_seeded_and_never_meets_the_scored_images(data, weig
     no_val = make_demo(tmp_path / "no_val", train_per_class=6, val_per_class=0, image_size=SIZE)
     (no_val / "ILSVRC2012_img_val").rmdir()
     (no_val / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt").unlink()
-    calibration, scored, on = quantize.split_images(no_val, classes, 20, 15, 0, quiet)
+    calibration, scored, on = ptq.split_images(no_val, classes, 20, 15, 0, quiet)
     assert on == "held-out train" and len(scored) == 15 and not {p for p, _ in calibration} & {p for p, _ in scored}
     # without training images: one part of val calibrates, the other is scored
     no_train = make_demo(tmp_path / "no_train", train_per_class=0, val_per_class=3, image_size=SIZE)
     for wnid_dir in (no_train / "ILSVRC2012_img_train").iterdir():
         wnid_dir.rmdir()
     (no_train / "ILSVRC2012_img_train").rmdir()
-    calibration, scored, on = quantize.split_images(no_train, classes, 20, None, 0, quiet)
+    calibration, scored, on = ptq.split_images(no_train, classes, 20, None, 0, quiet)
     assert len(calibration) == 15 and len(scored) == 15 and not {p for p, _ in calibration} & {p for p, _ in scored}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, code, needle", [
     (["--calibration-images", "0"], 2, "--calibration-images"),
     (["--calibration-method", "mse"], 2, "--calibration-method"),
@@ -266,6 +274,7 @@ def test_bad_flags_are_one_line_and_exit_2(argv, code, needle, weights, data):
     assert err.startswith("quantize.py: error:") and needle in err
 
 
+@pytest.mark.slow
 def test_onnx_weights_and_data_of_another_class_count_are_refused_in_one_line(int8, weights, data, tmp_path):
     _, path, _ = int8
     code, err, _ = run_script(quantize, "--weights", path, "--data-dir", data, "--out", tmp_path / "again.onnx")
@@ -279,6 +288,7 @@ def test_onnx_weights_and_data_of_another_class_count_are_refused_in_one_line(in
 
 # ---- phones: the INT8 ExecuTorch program ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_int8_executorch_program_runs_in_executorch_like_the_quantized_model(weights, data, tmp_path, monkeypatch):
     pytest.importorskip("executorch", reason="optional: pip install executorch (about 230 MB with its dependencies)")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # torch.export would set it
@@ -305,6 +315,7 @@ def test_int8_executorch_program_runs_in_executorch_like_the_quantized_model(wei
     assert path.stat().st_size < 0.35 * sum(p.numel() * 4 for p in weights["model"].parameters())
 
 
+@pytest.mark.slow
 def test_without_executorch_export_pte_is_one_line_naming_the_package(weights, data, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m.split(".")[0] == "executorch"] + ["executorch"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import executorch...` raises ImportError
@@ -342,6 +353,7 @@ def run_main_quiet(module, argv):
     return run_main(module, module.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+@pytest.mark.slow
 def test_qat_writes_an_int8_file_whose_weights_are_the_ones_training_rounded(qat_run, weights):
     path = qat_run / "model.int8.onnx"
     trained = MobileNetV2(width_mult=0.35)
@@ -356,12 +368,13 @@ def test_qat_writes_an_int8_file_whose_weights_are_the_ones_training_rounded(qat
         dq = producer[conv.input[1]]
         got = torch.from_numpy(stored[dq.input[0]].astype(np.float32) * stored[dq.input[1]].reshape(-1, 1, 1, 1))
         assert torch.allclose(got, quantization.quantize_weight(module.weight), rtol=0, atol=1e-6)
-    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[inference.METADATA_KEY])
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[export.METADATA_KEY])
     assert meta["classes"]["names"] == weights["classes"].names and meta["data"]["input_size"] == SIZE
     assert meta["int8"]["bias_correction"] is False
     assert meta["int8"]["quantization_aware_training"] == {"freeze_bn_epochs": 1, "freeze_observer_epochs": 1}
 
 
+@pytest.mark.slow
 def test_qat_freezes_batchnorm_statistics_after_the_given_epochs(qat_run, weights):
     first = torch.load(qat_run / "epoch_1.pth", weights_only=True)["model"]
     second = torch.load(qat_run / "epoch_2.pth", weights_only=True)["model"]
@@ -373,6 +386,7 @@ def test_qat_freezes_batchnorm_statistics_after_the_given_epochs(qat_run, weight
     assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith(".weight"))  # weights did learn
 
 
+@pytest.mark.slow
 def test_qat_int8_file_scores_in_evaluate_like_the_fine_tuned_weights(qat_run, data):
     float_scores = evaluate_run("--weights", qat_run / "last.pth", "--data-dir", data, "--backend", "torch")
     int8_scores = evaluate_run("--weights", qat_run / "model.int8.onnx", "--data-dir", data)
@@ -381,6 +395,7 @@ def test_qat_int8_file_scores_in_evaluate_like_the_fine_tuned_weights(qat_run, d
     assert abs(int8_scores["top1"] - float_scores["top1"]) <= 10  # at most 3 of the 30 images
 
 
+@pytest.mark.slow
 def test_qat_fake_quantization_computes_what_the_int8_file_computes(tmp_path):
     """After the freezes, the fake-quantized model in PyTorch is closer to the INT8 file than the float
     model is, by a wide margin: training optimises the function that is deployed."""
@@ -406,5 +421,5 @@ def test_qat_fake_quantization_computes_what_the_int8_file_computes(tmp_path):
     qat.remove()
     assert "forward" not in vars(model.features[0][0])
     quantization.quantize_onnx(model, batches, tmp_path / "m.onnx", SIZE, bias_correction=False)
-    got = inference.OnnxFileModel(tmp_path / "m.onnx")(x)
+    got = onnx_weights.OnnxFileModel(tmp_path / "m.onnx")(x)
     assert (got - fake).abs().max() < 0.25 * (got - want).abs().max()

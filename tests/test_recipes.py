@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import helpers
-import optimization
 import train
+from mnv2 import cli, distributed
+from mnv2.data.loaders import RASampler
+from mnv2.data.transforms import normalize
+from mnv2.training import config, learner, loop, optimization, recipes
 from MobileNetV2 import MobileNetV2
-from read_ImageNetData import RASampler, normalize
 
 BATCH = 8
 TINY = ("--batch-size", str(BATCH), "--num-epochs", "1", "--width-mult", "0.25", "--input-size", "32",
@@ -30,12 +32,66 @@ def keep_rng_state():
 
 
 def parse(*argv):
-    return train.check_args(train.get_args_parser().parse_args(list(argv)))
+    return config.check_args(train.get_args_parser().parse_args(list(argv)))
 
 
 def run(data, out, *extra, on_step=None):
     args = train.get_args_parser().parse_args(["--data-dir", str(data), "--save-path", str(out), *TINY, *extra])
     return helpers.run_main(train, args, on_step=on_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes as files, --config, args.yaml
+
+
+def test_every_training_recipe_file_states_where_it_was_published():
+    names = recipes.training_recipes()
+    assert names[0] == "seed" and {"torchvision-v1", "torchvision-v2", "rmsproptf", "d-li14"} <= set(names)
+    dests = {a.dest for a in train.get_args_parser()._actions}
+    for name in names:
+        recipe = recipes.named(name)
+        assert recipe.source and recipe.top1 > 70 and recipe.batch_size > 0 and recipe.lr > 0, name
+        assert set(recipe.flags) <= dests, f"recipes/{name}.yaml sets {set(recipe.flags) - dests}"
+    for name in recipes.PRESETS:  # the defaults of --demo, --qat, --pretrained, --freeze-backbone
+        assert set(recipes.named(name).flags) <= dests, name
+
+
+def test_precedence_is_defaults_recipe_config_then_command_line(tmp_path):
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text("flags:\n  label-smoothing: 0.2\n  mixup_alpha: 0.4\n  num_epochs: 7\n")
+    args = parse("--recipe", "torchvision-v2", "--config", str(config_file), "--num-epochs", "3",
+                 "--data-dir", str(tmp_path))
+    assert args.opt == "sgd" and args.auto_augment == "ta_wide"            # the recipe over the defaults
+    assert (args.label_smoothing, args.mixup_alpha) == (0.2, 0.4)           # --config over the recipe
+    assert args.num_epochs == 3                                             # the command line over --config
+    assert args.momentum == 0.9 and args.seed == 0                          # untouched defaults
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flags:\n  lrr: 0.1\n", "lrr in --config"),
+    ("opt: lamb\n", "opt 'lamb'"),
+    ("lr: [0.1\n", "not valid YAML"),
+    ("- 1\n- 2\n", "expected a mapping"),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, text, message, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        train.get_args_parser().parse_args(["--config", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_a_run_writes_args_yaml_and_it_repeats_the_run(demo_data, tmp_path):
+    out = tmp_path / "first"
+    assert run(demo_data, out, "--recipe", "torchvision-v1", "--lr", "0.01") == 0
+    written = recipes.read_config(out / "args.yaml")
+    assert written["recipe"] == "torchvision-v1" and written["lr"] == 0.01 and written["lr_step_size"] == 1.0
+    again = parse("--config", str(out / "args.yaml"), "--save-path", str(tmp_path / "second"))
+    first = parse("--data-dir", str(demo_data), "--save-path", str(tmp_path / "second"), *TINY,
+                  "--recipe", "torchvision-v1", "--lr", "0.01")
+    assert vars(again) == {**vars(first), "config": str(out / "args.yaml")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,11 +121,11 @@ def test_an_explicit_flag_wins_over_the_preset_even_at_the_plain_default(tmp_pat
 def test_a_recipe_lr_scales_linearly_with_the_batch_unless_lr_is_given(tmp_path):
     scaled = parse("--recipe", "torchvision-v2", "--data-dir", str(tmp_path), "--batch-size", "256")
     assert scaled.lr == pytest.approx(0.5 * 256 / 1024)
-    assert "scaled linearly to --batch-size 256" in train.recipe_lines(scaled)[1]
+    assert "scaled linearly to --batch-size 256" in config.recipe_lines(scaled)[1]
     given = parse("--recipe", "torchvision-v2", "--data-dir", str(tmp_path), "--batch-size", "256", "--lr", "0.5")
-    assert given.lr == 0.5 and "as given" in train.recipe_lines(given)[1]
+    assert given.lr == 0.5 and "as given" in config.recipe_lines(given)[1]
     seed = parse("--data-dir", str(tmp_path), "--batch-size", "128")  # the seed's commands keep lr 0.045
-    assert seed.lr == 0.045 and train.recipe_lines(seed) == []  # and the seed's runs print what they did
+    assert seed.lr == 0.045 and config.recipe_lines(seed) == []  # and the seed's runs print what they did
 
 
 def test_demo_and_recipe_compose_demo_sizes_recipe_method():
@@ -92,7 +148,8 @@ def test_help_names_each_recipe_with_its_source_and_published_result(capsys):
     with pytest.raises(SystemExit):
         train.get_args_parser().parse_args(["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
-    for name, recipe in optimization.RECIPES.items():
+    for name in recipes.training_recipes():
+        recipe = recipes.named(name)
         assert "".join(f"{name}: {recipe.source}; {recipe.top1}% top-1".split()) in text
 
 
@@ -113,7 +170,7 @@ def test_flag_combinations_that_cannot_work_are_usage_errors(tmp_path):
     for flags, message in ((["--batch-size", "10", "--accum-steps", "4"], "--accum-steps"),
                            (["--val-crop-size", "240", "--val-resize-size", "232"], "--val-resize-size"),
                            (["--ra-magnitude", "31"], "--ra-magnitude")):
-        with pytest.raises(train.UsageError, match=message):
+        with pytest.raises(cli.UsageError, match=message):
             parse("--data-dir", str(tmp_path), *flags)
 
 
@@ -235,7 +292,7 @@ def batches(count, size, seed=1):
 
 def learner_for(model, lr=0.05, **kwargs):
     optimizer = torch.optim.SGD(optimization.parameter_groups(model, 4e-5), lr=lr, momentum=0.9)
-    return train.Learner(model, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(lr, 1),
+    return learner.Learner(model, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(lr, 1),
                          torch.device("cpu"), channels_last=False, **kwargs)
 
 
@@ -244,10 +301,11 @@ def fresh_model():
     return MobileNetV2(num_classes=10, width_mult=0.25).double()
 
 
+@pytest.mark.slow
 def test_accumulation_steps_on_the_mean_of_the_passes_losses(one_thread):
     model = fresh_model()
-    meter, steps, _ = train.train_one_epoch(learner_for(model, accum_steps=2), batches(5, 4), 0, 2,
-                                            train.distributed.Context(), log=lambda *a: None)
+    meter, steps, _ = loop.train_one_epoch(learner_for(model, accum_steps=2), batches(5, 4), 0, 2,
+                                            distributed.Context(), log=lambda *a: None)
     assert steps == 2 and meter.count == 16  # the fifth batch, a step short of its pair, is left out
     reference = fresh_model()
     optimizer = torch.optim.SGD(optimization.parameter_groups(reference, 4e-5), lr=0.05, momentum=0.9)
@@ -262,13 +320,14 @@ def test_accumulation_steps_on_the_mean_of_the_passes_losses(one_thread):
     assert worst < 1e-10
 
 
+@pytest.mark.slow
 def test_clip_grad_norm_limits_the_update(one_thread):
     clipped, plain = fresh_model(), fresh_model()
     for model, clip in ((clipped, 1e-3), (plain, None)):
         learner = learner_for(model, lr=1.0, clip_grad_norm=clip)
         learner.optimizer.param_groups[0]["momentum"] = 0.0
         learner.optimizer.param_groups[0]["weight_decay"] = 0.0
-        train.train_one_epoch(learner, batches(1, 4), 0, 1, train.distributed.Context(), log=lambda *a: None)
+        loop.train_one_epoch(learner, batches(1, 4), 0, 1, distributed.Context(), log=lambda *a: None)
     start = fresh_model()
     moved = torch.cat([(p - q).flatten() for p, q in zip(clipped.parameters(), start.parameters())]).norm()
     assert moved.item() == pytest.approx(1e-3, rel=1e-6)  # lr 1 x a gradient of norm 1e-3
@@ -302,6 +361,7 @@ def test_drop_path_drops_whole_residual_branches_in_training_only():
 # Whole runs with a recipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["torchvision-v2", "rmsproptf"])
 def test_resume_with_a_recipe_is_bit_exact(demo_data, tmp_path, recipe):
     """Every part of the recipe (policy, erasing, mixup/cutmix, RA sampler, EMA, RMSProp-TF, step decay,
@@ -329,6 +389,7 @@ def checkpoint_equal(a, b):
     return a == b
 
 
+@pytest.mark.slow
 def test_preempted_mid_epoch_with_the_ra_sampler_resumes_with_exactly_the_unseen_samples(demo_data, tmp_path):
     consumed = []
 
@@ -351,6 +412,7 @@ def test_preempted_mid_epoch_with_the_ra_sampler_resumes_with_exactly_the_unseen
     assert [epoch0[4 * k:4 * k + 4] for k in range(3)] == [[epoch0[4 * k]] * 4 for k in range(3)]  # repeats
 
 
+@pytest.mark.slow
 def test_recipe_torchvision_v2_trains_on_the_demo_end_to_end(demo_data, tmp_path):
     code, err, out = helpers.run_script(train, "--demo", "--recipe", "torchvision-v2", "--data-dir", demo_data,
                                         "--save-path", tmp_path, "--num-epochs", "2", "--batch-size", "8",
@@ -368,7 +430,9 @@ def test_recipe_torchvision_v2_trains_on_the_demo_end_to_end(demo_data, tmp_path
 
 DDP_ACCUMULATION = """
 import sys, torch
-import distributed, optimization, train
+from mnv2 import distributed
+from mnv2.training import loop, optimization
+from mnv2.training.learner import Learner
 from MobileNetV2 import MobileNetV2
 context = distributed.setup("cpu")
 g = torch.Generator().manual_seed(1)
@@ -382,29 +446,20 @@ torch.manual_seed(0)
 model = MobileNetV2(num_classes=10, width_mult=0.25).double()
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 optimizer = torch.optim.SGD(optimization.parameter_groups(model, 4e-5), lr=0.05, momentum=0.9)
-learner = train.Learner(ddp, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.05, 1),
+learner = Learner(ddp, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.05, 1),
                         torch.device("cpu"), channels_last=False, accum_steps=2)
-train.train_one_epoch(learner, loader, 0, 2, context, log=lambda *a: None)
+loop.train_one_epoch(learner, loader, 0, 2, context, log=lambda *a: None)
 if context.is_main:
     torch.save({k: v.detach().contiguous() for k, v in model.named_parameters()}, sys.argv[1])
 distributed.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_ddp_with_accumulation_steps_on_the_mean_of_all_passes_of_the_global_batch(tmp_path):
-    import socket
-    import subprocess
-    import sys
     script = tmp_path / "ddp.py"
     script.write_text(DDP_ACCUMULATION)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = str(helpers.REPO)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(tmp_path / "ddp.pt")],
-                          cwd=repo, env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=240)
+    proc = helpers.torchrun(script, tmp_path / "ddp.pt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     g = torch.Generator().manual_seed(1)

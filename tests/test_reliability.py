@@ -27,10 +27,10 @@ from PIL import Image
 import count_flops
 import evaluate as ev
 import read_ImageNetData as data
-import checkpoint
-import outputs
 import train
 from helpers import RunsCode, fake_synsets, one_line, run_script, write_jpeg, write_meta_mat
+from mnv2 import checkpoint, outputs, scoring
+from mnv2.data import imagenet, loaders, transforms
 from MobileNetV2 import MobileNetV2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +86,7 @@ def damaged_copy(source, target, damage):
 # Scenario 3: truncated, empty and bit-flipped files given to --weights (and --resume, on the real command line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty", "bitflip"])
 def test_damaged_weights_stop_count_flops_with_one_line_naming_the_file(damage, trained, tmp_path):
     bad = damaged_copy(trained / "last.pth", tmp_path / f"{damage}.pth", damage)
@@ -100,6 +101,7 @@ def test_bit_flipped_checkpoint_stops_evaluate_with_one_line(trained, demo, tmp_
     assert code == 1 and str(bad) in line and "checksum" in line and "top-1" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("script", ["evaluate.py", "count_flops.py", "train.py"])
 def test_bit_flipped_checkpoint_is_one_line_on_each_real_run_script(script, trained, demo, tmp_path):
@@ -154,6 +156,7 @@ def test_code_in_a_weight_file_never_runs_from_any_command(tool, zip_format, dem
 # Scenario 2: disk full while writing the reports that follow a checkpoint
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_reports_is_one_line_and_the_checkpoint_resumes(demo, tmp_path, monkeypatch):
     real_mkstemp = tempfile.mkstemp
 
@@ -214,16 +217,17 @@ def write_odd(path, kind, seed):
 ODD_KINDS = ["png_as_jpeg", "cmyk", "grayscale", "png16", "palette"]
 
 
+@pytest.mark.slow
 def test_odd_image_files_give_rgb_tensors_with_their_labels_through_the_real_loader(fake_imagenet_factory):
     info = fake_imagenet_factory(num_image_classes=3, train_per_class=2, num_val=6)
     for k, kind in enumerate(ODD_KINDS):
         write_odd(info["train"][k][0], kind, seed=k)
         write_odd(info["val"][k][0], kind, seed=k)
-    train_set, val_set, classes, _ = data.build_datasets(info["root"], input_size=SIZE, resize=RESIZE)
+    train_set, val_set, classes, _ = loaders.build_datasets(info["root"], input_size=SIZE, resize=RESIZE)
     index = classes.index_of()
     for split, dataset, files in (("train", train_set, info["train"]), ("val", val_set, info["val"])):
         expected = {str(path): index[wnid] for path, wnid in files}
-        loader = data.build_loader(dataset, 4, data.EvalSampler(len(dataset)), num_workers=0)
+        loader = loaders.build_loader(dataset, 4, loaders.EvalSampler(len(dataset)), num_workers=0)
         images, targets, indices, failed = (torch.cat(t) for t in zip(*loader))
         assert images.shape == (len(files), 3, SIZE, SIZE) and images.dtype == torch.uint8, split
         assert failed.tolist() == [0] * len(files), split  # decoded, not replaced by another image
@@ -236,7 +240,7 @@ def test_sixteen_bit_png_keeps_its_picture_instead_of_saturating(tmp_path):
     gray = write_odd(path, "png16", seed=3)
     eight_bit = tmp_path / "8bit.png"
     Image.fromarray(gray).save(eight_bit)
-    transform = data.eval_transform(SIZE, RESIZE)
+    transform = transforms.eval_transform(SIZE, RESIZE)
     assert (transform(str(path)).int() - transform(str(eight_bit)).int()).abs().max() <= 1
 
 
@@ -246,11 +250,11 @@ def test_decompression_bomb_is_refused_before_any_pixel_is_decoded(kind, tmp_pat
     path = tmp_path / "bomb.JPEG"
     path.write_bytes(png_declaring(100_000, 100_000) if kind == "png" else jpeg_declaring(60_000, 60_000))
     assert path.stat().st_size < 1000
-    if data.simplejpeg is not None:
+    if transforms.simplejpeg is not None:
         def no_decoding(*args, **kwargs):
             raise AssertionError("a decompression bomb reached the JPEG decoder")
-        monkeypatch.setattr(data.simplejpeg, "decode_jpeg", no_decoding)
-    for transform in (data.train_transform(SIZE), data.eval_transform(SIZE, RESIZE)):
+        monkeypatch.setattr(transforms.simplejpeg, "decode_jpeg", no_decoding)
+    for transform in (transforms.train_transform(SIZE), transforms.eval_transform(SIZE, RESIZE)):
         with pytest.raises(Image.DecompressionBombError):
             transform(str(path))
 
@@ -269,29 +273,31 @@ def write_bad(path, kind, seed=0):
     path.write_bytes(payload)
 
 
+@pytest.mark.slow
 def test_eval_counts_every_bad_file_in_the_result_and_drops_none(fake_imagenet_factory):
     info = fake_imagenet_factory(num_image_classes=3, train_per_class=1, num_val=8)
     for (path, _), kind in zip(info["val"][1:], BAD_KINDS):
         write_bad(path, kind)
-    _, val_set, _, _ = data.build_datasets(info["root"], input_size=SIZE, resize=RESIZE)
-    loader = data.build_loader(val_set, 3, data.EvalSampler(len(val_set)), num_workers=0)
+    _, val_set, _, _ = loaders.build_datasets(info["root"], input_size=SIZE, resize=RESIZE)
+    loader = loaders.build_loader(val_set, 3, loaders.EvalSampler(len(val_set)), num_workers=0)
     images, targets, indices, failed = (torch.cat(t) for t in zip(*loader))
     assert indices.tolist() == list(range(8)) and failed.tolist() == [0] + [1] * 5 + [0, 0]
     assert targets.tolist() == [label for _, label in val_set.samples]  # a bad file keeps its label
     model = MobileNetV2(width_mult=0.25).eval()
-    result = ev.evaluate(model, loader, torch.device("cpu"), channels_last=False, progress=False)
+    result = scoring.evaluate(model, loader, torch.device("cpu"), channels_last=False, progress=False)
     assert result["images"] == 8 and result["failed"] == 5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_train_run_replaces_logs_and_counts_bad_files(demo, tmp_path, caplog):
     root = shutil.copytree(demo, tmp_path / "demo")
-    layout = data.find_layout(root)
-    samples = data.list_samples(layout, "train", data.read_classes(layout))
+    layout = imagenet.find_layout(root)
+    samples = imagenet.list_samples(layout, "train", imagenet.read_classes(layout))
     bad = {samples[i][0]: kind for i, kind in zip((0, 9, 18, 27, 36), BAD_KINDS)}  # none next to another
     for path, kind in bad.items():
         write_bad(Path(path), kind)
-    with caplog.at_level(logging.WARNING, logger="read_ImageNetData"):
+    with caplog.at_level(logging.WARNING, logger="mnv2.data"):
         code, err, _ = run_script(train, "--data-dir", root, "--save-path", tmp_path / "out", *TRAIN_FLAGS)
     assert code == 0, err
     ckpt = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
@@ -300,6 +306,7 @@ def test_train_run_replaces_logs_and_counts_bad_files(demo, tmp_path, caplog):
     assert sorted(m.split()[2].rstrip(":") for m in logged) == sorted(bad)  # each logged exactly once
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 1])
 def test_train_on_only_unreadable_images_stops_with_one_line(workers, fake_imagenet_factory, tmp_path):
@@ -357,9 +364,9 @@ def fuzzed(tmp_path_factory):
 @pytest.mark.timeout(120)
 def test_fuzzed_jpegs_give_an_image_or_a_counted_failure_in_eval(fuzzed):
     files, _ = fuzzed
-    dataset = data.ImageNetDataset([(str(p), k) for k, p in enumerate(files)], data.eval_transform(SIZE, RESIZE),
+    dataset = loaders.ImageNetDataset([(str(p), k) for k, p in enumerate(files)], transforms.eval_transform(SIZE, RESIZE),
                                    train=False)
-    loader = data.build_loader(dataset, 16, data.EvalSampler(len(dataset)), num_workers=0)
+    loader = loaders.build_loader(dataset, 16, loaders.EvalSampler(len(dataset)), num_workers=0)
     images, targets, indices, failed = (torch.cat(t) for t in zip(*loader))
     assert images.shape == (FUZZ_CASES, 3, SIZE, SIZE) and images.dtype == torch.uint8
     assert targets.tolist() == indices.tolist() == list(range(FUZZ_CASES))
@@ -367,12 +374,13 @@ def test_fuzzed_jpegs_give_an_image_or_a_counted_failure_in_eval(fuzzed):
     assert all(images[i].sum() == 0 for i in range(FUZZ_CASES) if failed[i])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_fuzzed_jpegs_give_an_image_or_a_counted_replacement_in_training(fuzzed):
     files, good = fuzzed
     samples = [s for k, p in enumerate(files) for s in ((str(p), k), (str(good), -1))]  # a good file after each
-    dataset = data.ImageNetDataset(samples, data.train_transform(SIZE), train=True)
-    loader = data.build_loader(dataset, 16, list(range(0, len(samples), 2)), num_workers=0)
+    dataset = loaders.ImageNetDataset(samples, transforms.train_transform(SIZE), train=True)
+    loader = loaders.build_loader(dataset, 16, list(range(0, len(samples), 2)), num_workers=0)
     images, targets, indices, failed = (torch.cat(t) for t in zip(*loader))
     assert images.shape == (FUZZ_CASES, 3, SIZE, SIZE) and images.dtype == torch.uint8
     assert set(failed.tolist()) == {0, 1}
@@ -416,6 +424,7 @@ DEVKIT_CASES = [(fault, tool) for fault in DEVKIT_FAULTS for tool in ("read_Imag
                 if (fault, tool) != ("missing meta.mat", "read_ImageNetData")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, tool", DEVKIT_CASES)
 def test_devkit_fault_is_one_line_from_each_command(fault, tool, fake_imagenet_factory, bare_weights, tmp_path):
     info = fake_imagenet_factory(num_image_classes=3, train_per_class=2, num_val=6)

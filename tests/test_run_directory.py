@@ -14,13 +14,13 @@ import zipfile
 import pytest
 import torch
 
-import checkpoint
 import evaluate as ev
-import inference
-import outputs
 import read_ImageNetData as data
 import train
 from helpers import load_checkpoint, one_line, run_main, run_script
+from mnv2 import checkpoint, outputs
+from mnv2.data import demo, imagenet
+from mnv2.deploy import export
 
 FLAGS = ["--batch-size", "8", "--num-epochs", "1", "--width-mult", "0.25", "--input-size", "32",
          "--num-workers", "0", "--print-freq", "100", "--device", "cpu"]
@@ -57,6 +57,7 @@ def snapshot_files(folder):
 
 # ---- a run owns its output directory ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_new_run_into_another_runs_directory_is_refused_and_changes_nothing(demo_data, first_run, tmp_path):
     out = copy_run(first_run, tmp_path)
     before = snapshot_files(out)
@@ -66,6 +67,7 @@ def test_a_new_run_into_another_runs_directory_is_refused_and_changes_nothing(de
     assert snapshot_files(out) == before
 
 
+@pytest.mark.slow
 def test_start_over_moves_the_earlier_run_aside_before_anything_is_written(demo_data, first_run, tmp_path):
     out = copy_run(first_run, tmp_path)
     before = snapshot_files(out)
@@ -84,6 +86,7 @@ def test_every_checkpoint_and_the_run_file_name_the_run(demo_data, first_run):
     assert run_id and all(load_checkpoint(p)["run_id"] == run_id for p in first_run.glob("*.pth"))
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_the_run_in_its_own_directory_under_its_id(demo_data, first_run, tmp_path):
     out = copy_run(first_run, tmp_path)
     run_id = outputs.RunDirectory(out).owner()
@@ -102,6 +105,7 @@ def test_a_second_run_on_a_locked_directory_fails_in_one_line_naming_the_holder(
     assert not list(out.glob("*.pth"))
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_dead_process_is_not_in_the_way(demo_data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -114,6 +118,7 @@ def test_a_lock_left_by_a_dead_process_is_not_in_the_way(demo_data, tmp_path):
 
 # ---- --resume auto chooses by what the files hold ---------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_auto_chooses_by_the_stored_epoch_not_by_file_times(demo_data, first_run, tmp_path):
     out = copy_run(first_run, tmp_path)
     assert run(demo_data, out, "--num-epochs", "2", "--resume", "auto")[0] == 0
@@ -141,6 +146,7 @@ def test_a_resume_with_other_classes_or_preprocessing_is_refused(demo_data, firs
     assert snapshot_files(out) == before
 
 
+@pytest.mark.slow
 def test_a_resume_that_would_drop_the_ema_is_refused(demo_data, tmp_path):
     out = tmp_path / "out"
     assert run(demo_data, out, "--model-ema")[0] == 0
@@ -148,6 +154,7 @@ def test_a_resume_that_would_drop_the_ema_is_refused(demo_data, tmp_path):
     assert code == 2 and "--model-ema" in one_line(err)
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_resume_on_a_dataset_of_another_size_is_refused(demo_data, tmp_path):
     out = tmp_path / "out"
 
@@ -166,6 +173,7 @@ def test_a_mid_epoch_resume_on_a_dataset_of_another_size_is_refused(demo_data, t
 
 # ---- signals ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_finishes_the_step_saves_and_exits_130(demo_data, tmp_path):
     out = tmp_path / "out"
     steps = []
@@ -183,6 +191,7 @@ def test_ctrl_c_mid_epoch_finishes_the_step_saves_and_exits_130(demo_data, tmp_p
     assert run(demo_data, out, "--num-epochs", "2", "--resume", "auto")[0] == 0
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_during_the_save_keeps_the_previous_checkpoint_and_says_so(demo_data, first_run,
                                                                                      tmp_path, monkeypatch):
     out = copy_run(first_run, tmp_path)
@@ -245,6 +254,7 @@ def test_evaluate_checks_its_output_paths_before_scoring(demo_data, first_run, t
     assert "top-1" not in captured.out  # nothing was scored
 
 
+@pytest.mark.slow
 def test_a_failed_export_never_replaces_a_good_file(first_run, tmp_path, monkeypatch, capsys):
     target = tmp_path / "model.pt"
     ev.main(ev.get_args_parser().parse_args(["--weights", str(first_run / "last.pth"), "--device", "cpu",
@@ -255,7 +265,7 @@ def test_a_failed_export_never_replaces_a_good_file(first_run, tmp_path, monkeyp
         path.write_bytes(b"a broken model")
         return 3e-3
 
-    monkeypatch.setattr(inference, "export_torchscript", disagreeing)
+    monkeypatch.setattr(export, "export_torchscript", disagreeing)
     with pytest.raises(SystemExit):
         ev.main(ev.get_args_parser().parse_args(["--weights", str(first_run / "last.pth"), "--device", "cpu",
                                                  "--export-torchscript", str(target)]))
@@ -279,6 +289,7 @@ def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 # ---- untrusted files are bounded ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_small_file_declaring_a_huge_record_is_refused_before_loading(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.pth"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -307,13 +318,14 @@ def test_the_demo_writer_never_overwrites_files_it_did_not_write(fake_imagenet, 
 
 
 def test_the_demo_writer_finishes_its_own_folder_and_refuses_other_settings(tmp_path):
-    root = data.make_demo(tmp_path / "demo", train_per_class=1, val_per_class=1, image_size=16)
-    assert data.demo_is_complete(root)
-    assert data.make_demo(root, train_per_class=1, val_per_class=1, image_size=16) == root  # nothing to do
-    with pytest.raises(data.DataError, match="other settings"):
-        data.make_demo(root, train_per_class=2, val_per_class=1, image_size=16)
+    root = demo.make_demo(tmp_path / "demo", train_per_class=1, val_per_class=1, image_size=16)
+    assert demo.demo_is_complete(root)
+    assert demo.make_demo(root, train_per_class=1, val_per_class=1, image_size=16) == root  # nothing to do
+    with pytest.raises(imagenet.DataError, match="other settings"):
+        demo.make_demo(root, train_per_class=2, val_per_class=1, image_size=16)
 
 
+@pytest.mark.slow
 def test_train_demo_run_again_starts_its_own_run_afresh_saying_so(demo_data, tmp_path):
     out = tmp_path / "demo-out"
     flags = ["--demo", "--data-dir", demo_data, "--save-path", out, "--num-epochs", "1", "--width-mult", "0.25",

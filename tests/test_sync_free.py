@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import helpers
-import optimization
 import train
+from mnv2 import distributed
+from mnv2.training import loop, optimization
+from mnv2.training.learner import Learner
 from MobileNetV2 import MobileNetV2
 
 
@@ -37,7 +39,7 @@ def learner(sync_free, criterion=None, ema=True, read_every=10, opt="sgd", max_n
     optimizer = optimization.build_optimizer(model, 0.05, opt=opt, fused=True)
     guard = optimization.StepGuard(optimizer) if sync_free else None
     keeper = optimization.BufferKeeper(model)
-    return train.Learner(model, model, criterion or torch.nn.CrossEntropyLoss(), optimizer,
+    return Learner(model, model, criterion or torch.nn.CrossEntropyLoss(), optimizer,
                          optimization.LRSchedule(0.05, 1), torch.device("cpu"), channels_last=False, ema=average,
                          max_nonfinite=max_nonfinite, guard=guard, read_every=read_every, buffers=keeper)
 
@@ -49,7 +51,7 @@ def state_of(learner):
 
 
 def run_epoch(learner, data, log=None, on_step=None):
-    return train.train_one_epoch(learner, data, 0, len(data), train.distributed.Context(), on_step=on_step,
+    return loop.train_one_epoch(learner, data, 0, len(data), distributed.Context(), on_step=on_step,
                                  log=log or (lambda *a: None))
 
 
@@ -74,6 +76,7 @@ def counted_host_reads():
             setattr(torch.Tensor, name, fn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_a_skipped_step_changes_no_weight_statistic_optimizer_or_ema_state(one_thread, opt):
     learner_ = learner(True, NanAt({3}), opt=opt)
@@ -85,6 +88,7 @@ def test_a_skipped_step_changes_no_weight_statistic_optimizer_or_ema_state(one_t
         assert any("running_mean" in k for k in moved) and any("weight" in k for k in moved)  # step 4 ran
 
 
+@pytest.mark.slow
 def test_the_device_decided_step_equals_the_host_decided_one(one_thread):
     on_device, on_host = learner(True, NanAt({2})), learner(False, NanAt({2}))
     meters = [run_epoch(each, batches(6))[0] for each in (on_device, on_host)]
@@ -94,6 +98,7 @@ def test_the_device_decided_step_equals_the_host_decided_one(one_thread):
     assert meters[0].skipped == 1 and meters[0].count == 5 * 4
 
 
+@pytest.mark.slow
 def test_statistics_are_read_once_per_print_freq_not_once_per_step(one_thread):
     data = batches(8)
     reads = {}
@@ -116,7 +121,7 @@ def test_an_epoch_not_a_multiple_of_print_freq_reads_its_tail(one_thread):
 def test_max_nonfinite_in_a_row_still_stops_with_the_step_named(one_thread):
     lines = []
     learner_ = learner(True, NanAt({2, 3, 4}), read_every=5, ema=False)
-    with pytest.raises(train.TrainingError, match=r"non-finite for 3 steps in a row \(epoch 1, step 4\)"):
+    with pytest.raises(loop.TrainingError, match=r"non-finite for 3 steps in a row \(epoch 1, step 4\)"):
         run_epoch(learner_, batches(6), log=lines.append)
     assert sum("step skipped" in line for line in lines) == 3
 
@@ -133,7 +138,7 @@ def test_a_stop_vote_is_taken_at_the_next_read(one_thread):
             stop.signum = 15
 
     learner_ = learner(True, read_every=3, ema=False)
-    meter, steps, stopped = train.train_one_epoch(learner_, batches(8), 0, 8, train.distributed.Context(),
+    meter, steps, stopped = loop.train_one_epoch(learner_, batches(8), 0, 8, distributed.Context(),
                                                   stop=stop, on_step=on_step, log=lambda *a: None)
     assert stopped and steps == 3 and seen == [1, 2, 3] and meter.count == 12
 
@@ -154,6 +159,7 @@ def test_the_buffer_keeper_restores_nan_statistics_and_counters_exactly():
     helpers.assert_same_tensors(model.state_dict(), kept)
 
 
+@pytest.mark.slow
 def test_sync_free_resume_is_bit_exact(demo_data, tmp_path):
     def parse(out, *extra):
         return train.get_args_parser().parse_args(

@@ -9,7 +9,6 @@ import errno
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
-import checkpoint
-import optimization
 import helpers
-import outputs
-from checkpoint import digest as checkpoint_digest
+import train
+from mnv2 import checkpoint, cli, outputs
+from mnv2.checkpoint import digest as checkpoint_digest
+from mnv2.data.loaders import TrainSampler
+from mnv2.data.transforms import normalize
+from mnv2.training import config, optimization, recipes, run, state
+from mnv2.weights import load_model, to_torchvision_keys
 from MobileNetV2 import MobileNetV2
-from weights import load_model, to_torchvision_keys
-from read_ImageNetData import TrainSampler, normalize
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 40  # 10 classes x 4
@@ -60,19 +59,6 @@ def without_timing(metrics):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script, *args, nproc=2, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 # ----------------------------------------------------------------------------------------------------
 # A short run and its artefacts
 
@@ -86,6 +72,7 @@ def two_epochs(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_short_run_writes_every_artefact(two_epochs):
     names = {p.name for p in two_epochs.iterdir()}
     assert {"epoch_1.pth", "epoch_2.pth", "last.pth", "best.pth", "metrics.csv", "result.txt", "curves.png"} <= names
@@ -112,9 +99,10 @@ def test_short_run_writes_every_artefact(two_epochs):
 
 
 FAULTS_AFTER_FREE = """
-import resource, sys, torch, train
+import resource, sys, torch
+from mnv2.training import run
 if sys.argv[1] == "keep":
-    assert train.keep_freed_memory()
+    assert run.keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(12):  # the heap settles after a few rounds, as a training run's does after a few steps
@@ -126,6 +114,7 @@ print(faults() - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_freed_memory_is_reused_without_faulting_it_in_again():
     faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], cwd=REPO, check=True,
@@ -136,9 +125,10 @@ def test_freed_memory_is_reused_without_faulting_it_in_again():
     assert faults["keep"] < max(200, faults["default"] / 20), faults
 
 
+@pytest.mark.slow
 def test_a_cpu_run_keeps_freed_memory(data, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(run, "keep_freed_memory", lambda: calls.append(1) or True)
     assert run_main(parse(data, tmp_path)) == 0
     assert calls == [1]
 
@@ -147,6 +137,7 @@ def test_a_cpu_run_keeps_freed_memory(data, tmp_path, monkeypatch):
 # Resume
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(data, two_epochs, tmp_path):
     extra = ("--dropout", "0.2", "--model-ema", "--num-workers", "1")
     assert run_main(parse(data, tmp_path, *extra)) == 0
@@ -173,6 +164,7 @@ def to_seed_layout(state):
     return out
 
 
+@pytest.mark.slow
 def test_seed_format_weights_resume_at_start_epoch_with_implied_lr(data, tmp_path):
     torch.manual_seed(3)
     reference = MobileNetV2(num_classes=1000, width_mult=0.25)
@@ -194,6 +186,7 @@ def test_seed_format_weights_resume_at_start_epoch_with_implied_lr(data, tmp_pat
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.045 * 0.98 ** 200)
 
 
+@pytest.mark.slow
 def test_resume_file_continues_without_start_epoch_and_start_epoch_wins(data, two_epochs, tmp_path, capsys):
     args = parse(data, tmp_path, "--num-epochs", "3", "--resume", str(two_epochs / "epoch_1.pth"),
                  "--start-epoch", "2", "--model-ema")
@@ -208,6 +201,7 @@ def flip_byte(path, offset):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_corrupt_newest(data, two_epochs, tmp_path, capsys):
     for name in ("epoch_1.pth", "epoch_2.pth", "last.pth", "best.pth"):
         (tmp_path / name).write_bytes((two_epochs / name).read_bytes())
@@ -229,6 +223,7 @@ def test_resume_auto_skips_corrupt_newest(data, two_epochs, tmp_path, capsys):
     assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["bitflip", "truncated", "empty"])
 def test_corrupt_resume_file_gives_one_line_error(data, two_epochs, tmp_path, capsys, damage):
     bad = tmp_path / "bad.pth"
@@ -245,6 +240,7 @@ def test_corrupt_resume_file_gives_one_line_error(data, two_epochs, tmp_path, ca
 # Preemption
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_covers_each_sample_once(data, tmp_path):
     consumed = []
 
@@ -276,13 +272,19 @@ def test_sigterm_mid_epoch_then_resume_covers_each_sample_once(data, tmp_path):
 # Faults while saving
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
     assert run_main(parse(data, tmp_path)) == 0
     before = (tmp_path / "last.pth").read_bytes()
     real_fsync = os.fsync
 
-    def full(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    synced = []
+
+    def full(fd):  # the disk fills once the resumed run has started (its args.yaml written)
+        synced.append(fd)
+        if len(synced) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full)
     assert run_main(parse(data, tmp_path, "--num-epochs", "2", "--resume", "auto")) == 1
@@ -295,6 +297,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, monkey
     assert ckpt["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_keeps_previous_checkpoint(data, tmp_path):
     out = tmp_path / "out"
     script = tmp_path / "killed.py"
@@ -322,6 +325,7 @@ def test_sigkill_while_writing_keeps_previous_checkpoint(data, tmp_path):
     assert load(out / "last.pth")["epoch"] == 2 and not list(out.glob(".*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_keep_last_deletes_only_after_successor_is_written(data, tmp_path, monkeypatch):
     assert run_main(parse(data, tmp_path, "--num-epochs", "3", "--keep-last", "1")) == 0
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "epoch_3.pth", "last.pth"]
@@ -349,6 +353,7 @@ def test_atomic_write_never_leaves_a_mix(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.slow
 def test_killed_loader_worker_gives_a_clear_error_not_a_hang(data, tmp_path, capsys):
     import multiprocessing
 
@@ -372,6 +377,7 @@ def test_killed_loader_worker_gives_a_clear_error_not_a_hang(data, tmp_path, cap
 NanAt = helpers.NanAt
 
 
+@pytest.mark.slow
 def test_one_nan_loss_is_skipped_and_training_goes_on(data, tmp_path, monkeypatch):
     monkeypatch.setattr(optimization, "build_criterion", lambda label_smoothing=0.0: NanAt({2}))
     assert run_main(parse(data, tmp_path)) == 0
@@ -380,6 +386,7 @@ def test_one_nan_loss_is_skipped_and_training_goes_on(data, tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nan_losses_in_a_row_stop_cleanly_keeping_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     assert run_main(parse(data, tmp_path)) == 0
     good = (tmp_path / "last.pth").read_bytes()
@@ -395,7 +402,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
     model = MobileNetV2(num_classes=10, width_mult=0.25)
     with torch.no_grad():
         model.classifier[1].weight[0, 0] = float("nan")
-    with pytest.raises(train.CheckpointError, match="NaN"):
+    with pytest.raises(checkpoint.CheckpointError, match="NaN"):
         checkpoint.write({"model": model.state_dict(), "model_ema": None}, [tmp_path / "last.pth"])
     assert not list(tmp_path.iterdir())
 
@@ -418,6 +425,7 @@ def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+@pytest.mark.slow
 def test_missing_data_and_mismatched_flags_exit_2_with_one_line(data, two_epochs, tmp_path, capsys):
     cases = [
         (parse(tmp_path / "nowhere", tmp_path), "no such directory"),
@@ -433,12 +441,13 @@ def test_missing_data_and_mismatched_flags_exit_2_with_one_line(data, two_epochs
 
 
 def test_num_classes_mismatch_names_the_parameter(data, tmp_path):
-    state = MobileNetV2(num_classes=10, width_mult=0.25).state_dict()
+    saved = MobileNetV2(num_classes=10, width_mult=0.25).state_dict()
     model = MobileNetV2(num_classes=1000, width_mult=0.25)
-    with pytest.raises(train.UsageError, match=r"classifier\.1\.weight.*--num-class"):
-        train.load_state_checked(model, state, "x.pth")
+    with pytest.raises(cli.UsageError, match=r"classifier\.1\.weight.*--num-class"):
+        state.load_state_checked(model, saved, "x.pth")
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "missing"), "--device", "cpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -446,7 +455,7 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 
 def test_demo_settings_apply_and_explicit_flags_win():
-    args = train.check_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
+    args = config.check_args(train.get_args_parser().parse_args(["--demo", "--num-epochs", "2"]))
     assert args.num_epochs == 2  # given explicitly
     assert (args.input_size, args.save_path, args.device) == (64, "output/demo", "cpu")
     assert args.data_dir == "output/demo/data" and args.val_resize_size == 73
@@ -457,10 +466,10 @@ def test_demo_settings_apply_and_explicit_flags_win():
                                                     ("--crop-scale-min", "0.08", "crop_scale_min")])
 def test_a_flag_given_with_the_plain_default_value_still_wins_over_demo(flag, value, attribute):
     parser = train.get_args_parser()
-    assert parser.get_default(attribute) == float(value) != train.DEMO_SETTINGS[attribute]
+    assert parser.get_default(attribute) == float(value) != recipes.named("demo").flags[attribute]
     args = parser.parse_args(["--demo", flag, value])
     assert getattr(args, attribute) == float(value)
-    assert parser.parse_args(["--demo"]).__dict__[attribute] == train.DEMO_SETTINGS[attribute]
+    assert parser.parse_args(["--demo"]).__dict__[attribute] == recipes.named("demo").flags[attribute]
     assert parser.get_default(attribute) == float(value)  # the parser's own defaults are left as they were
 
 
@@ -504,7 +513,9 @@ def test_no_decay_on_norm_and_bias():
 
 DDP_SCRIPT = """
 import sys, torch
-import distributed, optimization, train
+from mnv2 import distributed
+from mnv2.training import loop, optimization
+from mnv2.training.learner import Learner
 from MobileNetV2 import MobileNetV2
 torch.manual_seed(0)
 context = distributed.setup("cpu")
@@ -518,19 +529,20 @@ ddp = torch.nn.parallel.DistributedDataParallel(model)
 optimizer = torch.optim.SGD(optimization.parameter_groups(model, 4e-5), lr=0.01, momentum=0.9)
 # float64 and NCHW: at initialisation, BatchNorm over 4 images amplifies rounding differences (a
 # different summation order of the gradients) by ~1e4 per step, beyond the tolerance in float32.
-learner = train.Learner(ddp, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.01, 1),
+learner = Learner(ddp, model, torch.nn.CrossEntropyLoss(), optimizer, optimization.LRSchedule(0.01, 1),
                         torch.device("cpu"), channels_last=False)
-train.train_one_epoch(learner, loader, 0, 3, context)
+loop.train_one_epoch(learner, loader, 0, 3, context)
 if context.is_main:
     torch.save({k: v.detach().contiguous() for k, v in model.named_parameters()}, sys.argv[1])
 distributed.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_averaging_half_batch_losses(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = torchrun(script, tmp_path / "ddp.pt")
+    proc = helpers.torchrun(script, tmp_path / "ddp.pt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
 
@@ -568,13 +580,14 @@ train.main(train.get_args_parser().parse_args(sys.argv[1:]), on_step=on_step)
 """
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process_and_loads_for_evaluation(data, tmp_path):
     script = tmp_path / "main.py"
     script.write_text(MAIN_SCRIPT)
     out = tmp_path / "out"
     flags = ["--data-dir", data, "--save-path", out, "--batch-size", BATCH, "--num-epochs", "1",
              "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu"]
-    proc = torchrun(script, *flags)
+    proc = helpers.torchrun(script, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 x 4" in proc.stdout  # the log names the per-process share of the global batch
     ckpt = load(out / "last.pth")
@@ -583,11 +596,12 @@ def test_two_process_checkpoint_resumes_in_one_process_and_loads_for_evaluation(
     assert run_main(parse(data, out, "--num-epochs", "2", "--resume", "auto")) == 0
     assert load(out / "last.pth")["epoch"] == 2 and load(out / "last.pth")["world_size"] == 1
     flags[flags.index("--num-epochs") + 1] = "3"
-    proc = torchrun(script, *flags, "--resume", "auto")  # and back to two processes
+    proc = helpers.torchrun(script, *flags, "--resume", "auto")  # and back to two processes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["epoch"] for m in load(out / "last.pth")["metrics"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_whole_job_in_bounded_time(data, tmp_path):
     script = tmp_path / "main.py"
     script.write_text(MAIN_SCRIPT)
@@ -596,7 +610,7 @@ def test_a_failing_rank_ends_the_whole_job_in_bounded_time(data, tmp_path):
                  "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu"]
     os.environ["FAIL_RANK"] = "1"
     try:
-        proc = torchrun(script, *env_flags, timeout=180)
+        proc = helpers.torchrun(script, *env_flags, timeout=180)
     finally:
         del os.environ["FAIL_RANK"]
     assert proc.returncode != 0
@@ -609,7 +623,7 @@ def test_a_failing_rank_ends_the_whole_job_in_bounded_time(data, tmp_path):
 
 
 def test_slurm_node_lists_expand_as_scontrol_would():
-    import distributed
+    from mnv2 import distributed
     assert distributed.expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
     assert distributed.expand_hostlist("gpu5") == ["gpu5"]
     assert distributed.expand_hostlist("r[1-2]n[9-10]") == ["r1n9", "r1n10", "r2n9", "r2n10"]
@@ -620,7 +634,7 @@ def test_slurm_node_lists_expand_as_scontrol_would():
 
 
 def test_a_slurm_task_is_described_as_torchrun_would_describe_it():
-    import distributed
+    from mnv2 import distributed
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
            "SLURM_JOB_NODELIST": "gpu[007-009],cpu1"}
     assert distributed.slurm_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
@@ -633,6 +647,7 @@ def test_a_slurm_task_is_described_as_torchrun_would_describe_it():
         distributed.slurm_environment({k: v for k, v in env.items() if k != "SLURM_JOB_NODELIST"})
 
 
+@pytest.mark.slow
 def test_two_slurm_tasks_train_as_one_job_like_torchrun(data, tmp_path):
     """What `srun --ntasks 2 python train.py ...` starts: two plain processes that differ only in SLURM's
     variables; together they are one job of two ranks (gloo on the CPU)."""
@@ -642,7 +657,7 @@ def test_two_slurm_tasks_train_as_one_job_like_torchrun(data, tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_ID="4242",
-                SLURM_JOB_NODELIST="localhost,node[2-3]", MASTER_PORT=str(free_port()))
+                SLURM_JOB_NODELIST="localhost,node[2-3]", MASTER_PORT=str(helpers.free_port()))
     procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags)], cwd=REPO,
                               env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]

@@ -1,15 +1,13 @@
-"""Optimisation: the loss, parameter groups, optimizers, the learning-rate schedule, the EMA and the recipes.
+"""Optimisation: the loss, parameter groups, optimizers, the learning-rate schedule, and the EMA (the recipes are files: recipes.py).
 
     optimizer = optimization.build_optimizer(model, lr=0.045, momentum=0.9, weight_decay=4e-5)
     lr = optimization.LRSchedule(0.045, epochs=400)(epoch, step, steps_per_epoch)
-    optimization.RECIPES["torchvision-v2"].defaults(batch_size=1024)     # a published recipe as flag defaults
 
 Each piece is a pure function of its arguments (the schedule and the EMA's update rule of the position in
 training), so a run resumed at any step recomputes exactly what an uninterrupted run had.
 """
 import copy
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -333,64 +331,3 @@ class ModelEma:
         torch._foreach_lerp_(ema, current, [w] * len(ema))
         for e, c in rest:
             e.copy_(torch.where(ok, c, e))
-
-
-# --------------------------------------------------------------------------------------------------
-# Recipes: published MobileNetV2 1.0 training runs as flag defaults
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A published training run: the flags (argparse dests) that differ from train.py's plain defaults,
-    the global batch and lr it was published with, its source and its ImageNet val top-1."""
-    source: str
-    top1: float
-    batch_size: int
-    lr: float
-    settings: dict = field(default_factory=dict)
-    note: str = ""
-    scale_lr: bool = True     # the lr follows --batch-size linearly unless --lr is given
-
-    def lr_for(self, batch_size):
-        return self.lr * batch_size / self.batch_size if self.scale_lr else self.lr
-
-    def summary(self):
-        return (f"{self.source}; {self.top1}% top-1, {self.settings.get('num_epochs', 400)} epochs, global batch "
-                f"{self.batch_size}, lr {self.lr:g}")
-
-
-RECIPES = {
-    "seed": Recipe(
-        source="the seed repository (the paper's schedule with SGD)", top1=71.62, batch_size=256, lr=0.045,
-        scale_lr=False, note="train.py's plain defaults: SGD momentum 0.9, lr 0.045 x0.98 per epoch, weight decay "
-                             "4e-5 on every parameter, 224 px crops, 400 epochs; lr 0.045 at any --batch-size"),
-    "torchvision-v1": Recipe(
-        source="torchvision IMAGENET1K_V1, references/classification README", top1=71.878, batch_size=256,
-        lr=0.045, note="8 GPUs x 32; StepLR every epoch",
-        settings=dict(opt="sgd", momentum=0.9, weight_decay=4e-5, lr_schedule="step", lr_step_size=1.0,
-                      lr_gamma=0.98, num_epochs=300)),
-    "torchvision-v2": Recipe(
-        source="torchvision IMAGENET1K_V2, vision PR #5560", top1=72.154, batch_size=1024, lr=0.5,
-        note="8 GPUs x 128; evaluated at resize 232, crop 224",
-        settings=dict(opt="sgd", momentum=0.9, lr_schedule="cosine", warmup_epochs=5.0, lr_warmup_method="linear",
-                      lr_warmup_decay=0.01, min_lr=0.0, auto_augment="ta_wide", random_erase=0.1,
-                      label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0, weight_decay=2e-5,
-                      norm_weight_decay=0.0, train_crop_size=176, val_resize_size=232, val_crop_size=224,
-                      model_ema=True, model_ema_steps=32, model_ema_decay=0.99998, model_ema_adjust=True,
-                      ra_sampler=True, ra_reps=4, num_epochs=600)),
-    "rmsproptf": Recipe(
-        source="super-gradients' imagenet_mobilenetv2 recipe", top1=73.08, batch_size=512, lr=0.032,
-        note="2 GPUs x 256, mixed precision; TensorFlow's RMSProp with 0.973 every 2.4 epochs (the paper's "
-             "optimizer); EMA 0.9999 per step (without super-gradients' decay warm-up)",
-        settings=dict(opt="rmsproptf", momentum=0.9, opt_eps=1e-3, weight_decay=1e-5, norm_weight_decay=0.0,
-                      bias_weight_decay=0.0, lr_schedule="step", lr_step_size=2.4, lr_gamma=0.973,
-                      warmup_epochs=5.0, lr_warmup_method="linear", lr_warmup_decay=1 / 6, label_smoothing=0.1,
-                      auto_augment="rand-m9-mstd0.5", random_erase=0.2, dropout=0.2, model_ema=True,
-                      model_ema_steps=1, model_ema_decay=0.9999, model_ema_adjust=False, num_epochs=450)),
-    "d-li14": Recipe(
-        source="d-li14/mobilenetv2.pytorch README (mobilenetv2-c5e733a8.pth)", top1=72.834, batch_size=1024,
-        lr=0.4, note="8 GPUs; lr ramps 0.1 -> 0.4 over 5 epochs, then a per-step cosine",
-        settings=dict(opt="sgd", momentum=0.9, weight_decay=4e-5, norm_weight_decay=0.0, bias_weight_decay=0.0,
-                      lr_schedule="cosine", warmup_epochs=5.0, lr_warmup_method="linear", lr_warmup_decay=0.25,
-                      min_lr=0.0, dropout=0.2, num_epochs=250)),
-}

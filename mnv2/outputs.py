@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from cli import ScriptError, UsageError
+from mnv2.cli import ScriptError, UsageError
 
 try:  # POSIX: advisory locks that the kernel drops when the holder dies
     import fcntl
@@ -161,7 +161,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 # What a training run leaves in its directory; checkpoints are last.pth, best.pth and epoch_N.pth.
 CHECKPOINT_NAME = re.compile(r"^(last|best|epoch_(\d+))\.pth$")
-REPORT_NAMES = ("metrics.csv", "result.txt", "curves.png", "confusion.png", "model.int8.onnx", RUN_FILE,
+REPORT_NAMES = ("args.yaml", "metrics.csv", "result.txt", "curves.png", "confusion.png", "model.int8.onnx", RUN_FILE,
                 "tensorboard")
 
 

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import inference
-from checkpoint import unwrap
-from cli import ScriptError
-from outputs import atomic_write
-from read_ImageNetData import EvalSampler, ImageNetDataset, build_loader, eval_transform, normalize
+from mnv2.checkpoint import unwrap
+from mnv2.cli import ScriptError
+from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader
+from mnv2.data.transforms import eval_transform, normalize
+from mnv2.deploy import export, inference
+from mnv2.outputs import atomic_write
 
 # name -> (onnxruntime CalibrationMethod name, extra calibrator options)
 CALIBRATION_METHODS = {
@@ -177,7 +178,7 @@ def quantize_onnx(model, calibration, path, input_size=224, method="minmax", bia
         tmp = Path(tmp)
         float_path = tmp / "float.onnx"
         # the float graph must compute the folded model (the corrected biases differ on purpose)
-        diff = inference.export_onnx(deploy, float_path, input_size=input_size, opset=opset)
+        diff = export.export_onnx(deploy, float_path, input_size=input_size, opset=opset)
         if diff is not None and not diff <= 1e-4:
             raise QuantizationError(f"the float ONNX graph differs from PyTorch by {diff:.1e}")
         ranges = calibrate(float_path, calibration, method, workdir=tmp)
@@ -194,7 +195,7 @@ def quantize_onnx(model, calibration, path, input_size=224, method="minmax", bia
                               extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]})
         data = int8_path.read_bytes()
         if metadata is not None:
-            data = inference.with_metadata(data, metadata)
+            data = export.with_metadata(data, metadata)
         float_bytes = float_path.stat().st_size
     atomic_write(path, data)
     return {"path": str(path), "bytes": len(data), "float_bytes": float_bytes, "max_abs_diff": diff,
@@ -209,10 +210,10 @@ def quantize_pt2e(model, calibration, input_size=224, bias_correction=True):
     """`model` quantized for ExecuTorch's XNNPACK delegate by PyTorch 2 export quantization: the same
     recipe as `quantize_onnx` (BatchNorm folded, bias correction, int8 weights symmetric per output
     channel in [-127, 127]), with XNNPACK's signed int8 activations, calibrated on `calibration`. Returns
-    the converted torch.fx.GraphModule: the PyTorch reference that `inference.export_pte` lowers and checks."""
+    the converted torch.fx.GraphModule: the PyTorch reference that `export.export_pte` lowers and checks."""
     try:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                           get_symmetric_quantization_config)
+                                                                             get_symmetric_quantization_config)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError:
         raise QuantizationError("an INT8 ExecuTorch program needs the executorch package (about 130 MB, with "
@@ -223,7 +224,7 @@ def quantize_pt2e(model, calibration, input_size=224, bias_correction=True):
         p.requires_grad_(False)
     if bias_correction:
         correct_bias(deploy, calibration)
-    example = inference.parity_input(input_size, 2)
+    example = export.parity_input(input_size, 2)
     with torch.no_grad():
         graph = torch.export.export(deploy, (example,),
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)).module()
@@ -394,7 +395,7 @@ class QuantizationAwareTraining:
                   "quantization_aware_training": {"freeze_bn_epochs": self.freeze_bn_epochs,
                                                   "freeze_observer_epochs": self.freeze_observer_epochs},
                   "activations": "uint8, one scale per tensor"}
-        metadata = inference.deployment_metadata(classes, pre, dict(self.model.config), int8=recipe)
+        metadata = export.deployment_metadata(classes, pre, dict(self.model.config), int8=recipe)
         model = copy.deepcopy(unwrap(self.model)).cpu().float().eval()
         return quantize_onnx(model, calibration, path, pre["input_size"], "minmax", bias_correction=False,
                              metadata=metadata)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cli import ScriptError
-from outputs import CHECKPOINT_NAME, OutputError, atomic_write
+from mnv2.cli import ScriptError
+from mnv2.outputs import CHECKPOINT_NAME, OutputError, atomic_write
 
 FORMAT = "mobilenetv2-checkpoint"
 VERSION = 1

@@ -31,7 +31,7 @@ import threading
 import torch
 from PIL import Image
 
-from read_ImageNetData import EvalTransform, TrainTransform, decode_rgb
+from mnv2.data.transforms import EvalTransform, TrainTransform, decode_rgb
 
 # What a loader process hands over for one image
 JPEG, DECODED, FINISHED = 0, 1, 2  # bytes for the device decoder; a uint8 [3,H,W] image; a uint8 [3,S,S] crop

@@ -66,12 +66,22 @@ class Parser(argparse.ArgumentParser):
         if self.presets is None or namespace is not None:
             return super().parse_known_args(args, namespace)
         first, _ = super().parse_known_args(args)
-        chosen = self.presets(first)
+        try:
+            chosen = self.presets(first)
+        except ScriptError as e:  # a --config file that cannot be read
+            self.error(own_message(e))
         if not chosen:
             return super().parse_known_args(args)
-        unknown = sorted(set(chosen) - {a.dest for a in self._actions})
+        actions = {a.dest: a for a in self._actions}
+        unknown = sorted(set(chosen) - set(actions))
         if unknown:
-            raise ValueError(f"preset sets unknown options {unknown}")
+            source = f" in --config {first.config}" if getattr(first, "config", None) else ""
+            self.error(f"{', '.join(unknown)}{source}: not {'a flag' if len(unknown) == 1 else 'flags'} of {self.prog}")
+        for dest, value in chosen.items():  # argparse checks the choices of typed values only
+            choices = actions[dest].choices
+            if choices is not None and value is not None and value not in choices:
+                source = f" (--config {first.config})" if getattr(first, "config", None) else ""
+                self.error(f"{dest} {value!r}{source}: not one of {', '.join(map(str, choices))}")
         saved = {a.dest: a.default for a in self._actions if a.dest in chosen}
         self.set_defaults(**chosen)
         try:

@@ -1,14 +1,14 @@
 """Any folder of classes as a dataset: the class names are the folder names, as torchvision's ImageFolder reads them.
 
-    python image_folders.py --data-dir my_photos --val-split 0.1     # what train.py will see there
-    python image_folders.py --make-demo my_photos                     # the demo digits as named class folders
+    python read_ImageNetData.py --data-dir my_photos --val-split 0.1              # what train.py will see there
+    python read_ImageNetData.py --make-demo my_photos --demo-layout folders      # the demo digits as class folders
 
 Two layouts: `D/train/<class>/` + `D/val/<class>/`, or `D/<class>/` alone, from which `holdout` takes a
 seeded, class-stratified validation split. Classes come from the training folders, sorted as
 ImageFolder sorts them (code-point order: capitals first), spelled exactly as on disk; val folders are
 matched to them by name. Hidden files and folders and files that are not images are skipped and counted.
 The ImageNet layouts (a devkit, ILSVRC2012_img_* folders, a flat val, all 1000 WNID folders) are read by
-`read_ImageNetData` exactly as before. Folders named by ImageNet WNIDs are mapped to their true index among
+`mnv2.data.imagenet` exactly as before. Folders named by ImageNet WNIDs are mapped to their true index among
 the 1000 classes through `imagenet_classes.tsv`, never by position.
 """
 import logging
@@ -20,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
-import read_ImageNetData as imagenet
-from cli import UsageError
-from read_ImageNetData import DEVKIT_DIRS, NUM_CLASSES, WNID, Classes, DataError, ImageNetDataset, is_image
+from mnv2.cli import UsageError
+from mnv2.data import loaders, transforms
+from mnv2.data.imagenet import (DEVKIT_DIRS, IMAGE_EXTENSIONS, NUM_CLASSES, SPLIT_DIRS, WNID, Classes, DataError,
+                                is_image)
+from mnv2.data.loaders import ImageNetDataset
 
 IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.tsv"
 VAL_NAMES = ("val", "validation", "valid")  # the names timm and common datasets give the held-out split
 FOLDER_ORDER = "folders"                    # Classes.order of a folder dataset: sorted folder names
 
-log = logging.getLogger("image_folders")
+log = logging.getLogger("mnv2.data")
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +68,7 @@ def is_imagenet_layout(root):
     """Whether `root` is one of the ImageNet layouts `read_ImageNetData` reads (its behaviour stays exact
     there): ILSVRC2012_img_* folders, a devkit, a flat val/ of files, or a complete set of 1000 WNID folders."""
     root = Path(root)
-    if any((root / d).is_dir() for d in imagenet.SPLIT_DIRS["seed"]):
+    if any((root / d).is_dir() for d in SPLIT_DIRS["seed"]):
         return True
     if any((root / d).is_dir() for d in DEVKIT_DIRS):
         return True
@@ -151,7 +152,7 @@ def _refuse_empty(found, split_dir):
         raise DataError(f"{split_dir}: no class folders; put each class's images in {split_dir}/<class name>/")
     if len(empty) == len(found):
         raise DataError(f"{split_dir}: no images in any of its {len(found)} class folders "
-                        f"(image files end in {', '.join(imagenet.IMAGE_EXTENSIONS)})")
+                        f"(image files end in {', '.join(IMAGE_EXTENSIONS)})")
     if empty:
         raise DataError(f"{split_dir / empty[0]}: class folder without images"
                         + (f" (and {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else "")
@@ -248,7 +249,7 @@ def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, i
         if val_split:
             raise UsageError(f"--val-split: {data_dir} is an ImageNet layout, which has its own val split; "
                              "drop the flag")
-        train, val, classes, _ = imagenet.build_datasets(data_dir, class_order, input_size, resize, interpolation)
+        train, val, classes, _ = loaders.build_datasets(data_dir, class_order, input_size, resize, interpolation)
         return FolderData(train, val, classes, "imagenet")
     layout = find_folder_layout(data_dir)
     if layout.train_dir is None:
@@ -290,8 +291,8 @@ def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, i
             val_samples = [(str(layout.train_dir / f), index[f.split("/", 1)[0]]) for f in held]
             if not train_samples:
                 raise DataError(f"{layout.train_dir}: --val-split {fraction:g} leaves no training images")
-    train = ImageNetDataset(train_samples, imagenet.train_transform(input_size, interpolation), train=True)
-    val = (ImageNetDataset(val_samples, imagenet.eval_transform(input_size, resize, interpolation), train=False)
+    train = ImageNetDataset(train_samples, transforms.train_transform(input_size, interpolation), train=True)
+    val = (ImageNetDataset(val_samples, transforms.eval_transform(input_size, resize, interpolation), train=False)
            if val_samples else None)
     where = str(layout.root)
     return FolderData(train, val, classes, "folders", record, skipped.note(where))
@@ -359,76 +360,17 @@ def model_index(folders, saved, num_classes, order, log=print):
     return {f: known[f] for f in folders}
 
 
-# --------------------------------------------------------------------------------------------------
-# Demo: the digits as named class folders
-
-
-def make_demo(root, seed=0, image_size=32, per_class=None):
-    """The demo digits (scikit-learn's bundled 8x8 handwritten digits, upscaled) as root/<zero..nine>/
-    image files, without a split: odd-numbered images as .png, the others as .jpg. Returns root."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = Path(root)
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for digit, name in enumerate(imagenet.DEMO_DIGITS):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        idx = rng.permutation(np.flatnonzero(digits.target == digit))[:per_class]
-        for n, k in enumerate(idx):
-            im = Image.fromarray(np.uint8(digits.images[k] * (255 / 16)), "L")
-            im = im.resize((image_size, image_size), Image.BILINEAR).convert("RGB")
-            if n % 2:
-                im.save(folder / f"{name}_{k}.png")
-            else:
-                im.save(folder / f"{name}_{k}.jpg", quality=90)
-    return root
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def get_args_parser():
-    parser = cli.Parser(prog="image_folders.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, help="D/train/<class>/ + D/val/<class>/, or D/<class>/")
-    parser.add_argument("--val-split", type=cli.fraction, default=None,
-                        help="fraction of each class held out for validation when there is no val/")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split (train.py's --seed)")
-    parser.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=None,
-                        help="must agree with the folders (1000: ImageNet's classes, for WNID folders)")
-    parser.add_argument("--make-demo", type=Path, metavar="DIR",
-                        help="write the demo digits as DIR/<zero..nine>/ (.jpg and .png) and exit")
-    return parser
-
-
-def main(args):
-    parser = get_args_parser()
-    if (args.make_demo is None) == (args.data_dir is None):
-        parser.error("give one of --data-dir or --make-demo")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        parser.error(f"argument --data-dir: {args.data_dir} is not a directory")
-    try:
-        if args.make_demo is not None:
-            print(f"demo digits written to {make_demo(args.make_demo, seed=args.seed)}")
-            return
-        data = build_datasets(args.data_dir, val_split=args.val_split, seed=args.seed, num_classes=args.num_classes)
-        if data.note:
-            print(data.note)
-        counts = {split: np.bincount([label for _, label in ds.samples], minlength=len(data.classes.names))
-                  if ds is not None else None for split, ds in (("train", data.train), ("val", data.val))}
-        print(f"{args.data_dir}: {data.kind} layout, {len(data.classes.names)} classes; "
-              f"{len(data.train) if data.train else 0} train / {len(data.val) if data.val else 0} val images"
-              + (f" (val: {data.val_split['fraction']:g} of each class, seed {data.val_split['seed']})"
-                 if data.val_split else ""))
-        if data.kind == "folders":
-            for i, name in enumerate(data.classes.names):
-                val = counts["val"][i] if counts["val"] is not None else 0
-                print(f"  {i:4d}  {counts['train'][i]:6d} train  {val:6d} val  {name}")
-    except cli.ScriptError as e:
-        raise SystemExit(cli.report(e, parser.prog)) from None
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+def summarize(data_dir, data):
+    """Human-readable lines: the layout, its classes and images per split (read_ImageNetData.py's report)."""
+    counts = {split: np.bincount([label for _, label in ds.samples], minlength=len(data.classes.names))
+              if ds is not None else None for split, ds in (("train", data.train), ("val", data.val))}
+    lines = [data.note] if data.note else []
+    lines.append(f"{data_dir}: {data.kind} layout, {len(data.classes.names)} classes; "
+                 f"{len(data.train) if data.train else 0} train / {len(data.val) if data.val else 0} val images"
+                 + (f" (val: {data.val_split['fraction']:g} of each class, seed {data.val_split['seed']})"
+                    if data.val_split else ""))
+    if data.kind == "folders":
+        for i, name in enumerate(data.classes.names):
+            val = counts["val"][i] if counts["val"] is not None else 0
+            lines.append(f"  {i:4d}  {counts['train'][i]:6d} train  {val:6d} val  {name}")
+    return lines

@@ -12,38 +12,27 @@ augmentation its pooled features are computed once and the classifier trains on 
 import copy
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-import checkpoint
-import inference
-from cli import UsageError
-from read_ImageNetData import IMAGENET_MEAN, IMAGENET_STD, EvalSampler, build_loader, normalize
-from weights import DOWNLOADABLE, WeightsError, fetch_public_weights, file_config, known_weights, load_matching, sha256_of
-
-# The fine-tuning recipe `--pretrained` selects, as defaults (a flag given on the command line wins):
-# a few epochs of SGD (momentum 0.9, as the seed) from lr 0.01 down a per-step cosine after one warm-up
-# epoch, in batches of 32 (small datasets; torchvision's references train 32 per GPU). A tenth of the
-# ImageNet rate and a few epochs: the start is already good, large steps would wash the features out
-# before the new classifier has settled (Kornblith et al., "Do Better ImageNet Models Transfer Better?",
-# CVPR 2019, fine-tune with SGD at small rates and cosine-like decay). The width comes from the file.
-FINETUNE_RECIPE = {"num_epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "warmup_epochs": 1.0, "batch_size": 32,
-                   "width_mult": None}
-# `--freeze-backbone` adds: no augmentation (centre crops, as linear probes are measured, which lets the
-# backbone's features be computed once) and a larger rate, since only a linear layer on fixed features learns.
-LINEAR_PROBE_RECIPE = {"augment": False, "lr": 0.1}
+from mnv2 import checkpoint, resolve
+from mnv2.data.loaders import EvalSampler, build_loader
+from mnv2.data.transforms import normalize
+from mnv2.deploy import inference
+from mnv2.training import recipes
+from mnv2.weights import load_matching
 
 
 def presets(args):
-    """The defaults --pretrained and --freeze-backbone select (cli.Parser's presets hook)."""
+    """The defaults --pretrained and --freeze-backbone select: recipes/finetune.yaml, and recipes/linear-probe.yaml
+    over it (cli.Parser's presets hook)."""
     chosen = {}
     if getattr(args, "pretrained", None):
-        chosen.update(FINETUNE_RECIPE)
+        chosen.update(recipes.named("finetune").flags)
     if getattr(args, "freeze_backbone", False):
-        chosen.update(LINEAR_PROBE_RECIPE)
+        chosen.update(recipes.named("linear-probe").flags)
     return chosen
 
 
@@ -51,44 +40,27 @@ def presets(args):
 # The file to start from
 
 
-def pretrained_path(name_or_path, directory, log=print):
-    """The weight file --pretrained names: a public file by name (fetched and verified as evaluate.py
-    fetches it, with the same offline message) or a path."""
-    if name_or_path in DOWNLOADABLE:
-        return fetch_public_weights(name_or_path, directory, log)
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise UsageError(f"--pretrained {name_or_path}: no such file (or one of {', '.join(DOWNLOADABLE)})")
-    return path
-
-
-def resolve(args, log=print):
-    """A copy of `args` with --pretrained made a verified path and what that file (or --qat's) brings filled
-    in where no flag said: its width, and its mean/std (a checkpoint's own, else those of a public file
-    recognised by sha256, else ImageNet's). Without either: ImageNet's mean/std where none were given."""
+def resolve_args(args, log=print):
+    """A copy of `args` with --pretrained made a verified path (a public file's name is fetched) and what that
+    file (or --qat's) brings filled in where no flag said: its width, and its mean/std (a checkpoint's own,
+    else those of a public file recognised by sha256, else ImageNet's), as resolve.weights resolves them."""
     args = copy.copy(args)
-    pre = {}
     qat = getattr(args, "qat", None)  # train.py --qat WEIGHTS: the float weights it starts from bring the same
+    overrides = {"mean": args.mean, "std": args.std}
     if args.pretrained or qat:
-        path = pretrained_path(args.pretrained, args.pretrained_dir, log) if args.pretrained else Path(qat)
-        name, entry = known_weights(sha256_of(path))
-        data = checkpoint.read_weights(path)
-        try:
-            _, width = file_config(data)
-        except WeightsError as e:
-            raise WeightsError(f"--{'pretrained' if args.pretrained else 'qat'} {path}: {e}") from None
-        pre = (checkpoint.meta(data).get("data") or (entry or {}).get("preprocessing") or {})
-        if name:
-            log(f"--{'pretrained' if args.pretrained else 'qat'}: recognised {name} weights by sha256; their "
-                "mean/std come along")
+        flag = "--pretrained" if args.pretrained else "--qat"
+        found = resolve.weights(args.pretrained or qat, flag=flag, pretrained_dir=args.pretrained_dir,
+                                        allow_onnx=False, strict=False, preprocessing=overrides, log=log)
         if args.pretrained:
-            args.pretrained = str(path)
+            args.pretrained = str(found.path)
         if args.width_mult is None:
-            args.width_mult = width
+            args.width_mult = found.config[1]
+        pre = found.preprocessing
+    else:
+        pre, _ = resolve.resolve_preprocessing({}, None, overrides)
     if args.width_mult is None:
         args.width_mult = 1.0
-    args.mean = [float(v) for v in (args.mean or pre.get("mean") or IMAGENET_MEAN)]
-    args.std = [float(v) for v in (args.std or pre.get("std") or IMAGENET_STD)]
+    args.mean, args.std = list(pre["mean"]), list(pre["std"])
     return args
 
 

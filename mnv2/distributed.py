@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cli import ScriptError, UsageError
+from mnv2.cli import ScriptError, UsageError
 
 # The variables a launcher (torchrun, or `launch` below) sets for each process.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

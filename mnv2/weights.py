@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-from checkpoint import WeightsError
+from mnv2 import checkpoint
+from mnv2.checkpoint import WeightsError
 from MobileNetV2 import STAGES, STEM_CHANNELS, MobileNetV2, make_divisible
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 
 # Public weight files, recognised by sha256. Sources, published figures and how each was measured are in
@@ -304,7 +304,7 @@ def load_model(source, num_classes=None, width_mult=None, dropout=0.0, use_ema=F
             config["width_mult"] = width_mult
         model = MobileNetV2(**config)
         try:
-            _load_strict(model, state)
+            load_strict(model, state)
         except WeightsError:
             if width_mult is not None and width_mult != file_width:
                 raise WeightsError(f"the file holds a width {file_width:g} model, not width {width_mult:g}; "
@@ -347,16 +347,20 @@ def load_matching(model, source, skip=()):
     return list(fits), [k for k in own if k not in fits], [k for k in state if k not in fits]
 
 
-def _load_strict(model, state):
+def load_strict(model, state, source=None):
+    """The one strict loader: every tensor of `model` from `state`, names and shapes exactly as the model has
+    them, or a WeightsError that names `source`, the first offending tensors and the flag to change."""
+    prefix = f"{source}: " if source else ""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise WeightsError("keys that do not fit: " + "; ".join(
+        raise WeightsError(prefix + "keys that do not fit: " + "; ".join(
             part for part in (missing and f"missing {_some(missing)}",
                               unexpected and f"unexpected {_some(unexpected)}") if part))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if state[k].shape != v.shape]
+    wrong = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
-        raise WeightsError(f"shapes that do not fit: {_some(wrong, 2)}")
+        hint = "--num-classes" if wrong[0].startswith("classifier") else "--width-mult"
+        raise WeightsError(prefix + "shapes that do not fit: " + _some(
+            [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong], 2) + f"; check {hint}")
     model.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""Deployment: CPU inference, exports checked against PyTorch, ONNX files as weights, and INT8 quantization."""
