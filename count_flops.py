@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mnv2 import cli
-from mnv2.checkpoint import WeightsError, read_weights
+from mnv2.checkpoint import WeightsError, meta, read_weights
 from mnv2.flops import GRID_SIZES, GRID_WIDTHS, count_parameters, exact_macs, format_grid, format_report, measure
 from mnv2.weights import load_model
 from MobileNetV2 import MobileNetV2
@@ -23,7 +23,9 @@ def get_args_parser():
     parser = cli.Parser(prog="count_flops.py", description="Count MobileNetV2 parameters and multiply-adds.")
     parser.add_argument("--width-mult", type=float, default=None,
                         help="width multiplier (paper: 0.35-1.4; default 1.0, or the file's with --weights)")
-    parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels (>= 32)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="square input side in pixels (>= 32; default: the crop a --weights checkpoint was "
+                             "trained and scored at, else 224)")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier outputs (default 1000 as ImageNet, or the file's with --weights)")
     parser.add_argument("--weights", default=None,
@@ -36,8 +38,8 @@ def get_args_parser():
 
 
 def load_counted_model(parser, args):
-    """The model in --weights. A missing file, or a flag the file contradicts, is a usage error (exit 2);
-    a file that cannot be used is exit 1. Either way one line."""
+    """(the model in --weights, the input size its checkpoint records or None). A missing file, or a flag the
+    file contradicts, is a usage error (exit 2); a file that cannot be used is exit 1. Either way one line."""
     if not Path(args.weights).is_file():
         parser.error(f"argument --weights: no such file: {args.weights}")
     try:
@@ -45,8 +47,7 @@ def load_counted_model(parser, args):
         model = load_model(data)
     except WeightsError as e:
         message = str(e) if str(e).startswith(args.weights) else f"{args.weights}: {e}"
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(cli.report(WeightsError(message), parser.prog))
     for flag, key, value in (("--width-mult", "width_mult", args.width_mult),
                              ("--num-classes", "num_classes", args.num_classes)):
         if value is not None:
@@ -54,12 +55,12 @@ def load_counted_model(parser, args):
                 load_model(data, **{key: value})
             except WeightsError as e:
                 parser.error(f"argument {flag}: {args.weights}: {str(e).removeprefix('weights: ')}")
-    return model
+    return model, (meta(data).get("data") or {}).get("input_size")
 
 
 def main(args):
     parser = get_args_parser()
-    if args.input_size < 32:
+    if args.input_size is not None and args.input_size < 32:
         parser.error(f"--input-size must be at least 32 (five stride-2 stages), got {args.input_size}")
     if args.width_mult is not None and args.width_mult <= 0:
         parser.error(f"--width-mult must be positive, got {args.width_mult}")
@@ -68,7 +69,7 @@ def main(args):
     num_classes = 1000 if args.num_classes is None else args.num_classes
     if args.grid:
         rows = []
-        for w in GRID_WIDTHS:
+        for w in GRID_WIDTHS:  # the paper's grid: every size, whatever --input-size says
             model = MobileNetV2(num_classes=num_classes, width_mult=w)
             params = count_parameters(model)
             for s in GRID_SIZES:
@@ -76,11 +77,12 @@ def main(args):
                              "macs_exact": exact_macs(model, s)})
         print(json.dumps(rows, indent=2) if args.json else format_grid(rows))
         return rows
+    size = None
     if args.weights:
-        model = load_counted_model(parser, args)
+        model, size = load_counted_model(parser, args)
     else:
         model = MobileNetV2(num_classes=num_classes, width_mult=1.0 if args.width_mult is None else args.width_mult)
-    row = measure(model, args.input_size)
+    row = measure(model, args.input_size or size or 224)
     print(json.dumps(row, indent=2) if args.json else format_report(row))
     return row
 

@@ -16,6 +16,7 @@ Every validation image is counted exactly once, also across processes; a file th
 scored as a miss and reported, never dropped.
 """
 import os
+import sys
 from pathlib import Path
 
 from mnv2 import cli
@@ -64,7 +65,7 @@ def get_args_parser(add_help=True):
     pre.add_argument("--input-size", "--crop", "--val-crop-size", dest="input_size", type=cli.positive_int,
                      default=None, help="centre crop = network input size (as train.py's --val-crop-size)")
     pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
-    pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
+    pre.add_argument("--mean", type=cli.finite_float, nargs=3, metavar=("R", "G", "B"), default=None)
     pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
 
     out = p.add_argument_group("outputs")
@@ -105,6 +106,9 @@ def main(args):
         return run(args)
     except cli.ScriptError as e:
         raise SystemExit(cli.report(e, "evaluate.py")) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was asked is not done, and nothing half-written replaced a file
+        print("evaluate.py: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 

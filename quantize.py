@@ -14,6 +14,7 @@ top-1 on the val images (or, without val images, on training images held out fro
 the file sizes and the speed of both in onnxruntime. Any weight file evaluate.py reads is accepted.
 """
 import argparse
+import sys
 import os
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def get_args_parser(add_help=True):
     pre.add_argument("--input-size", "--crop", dest="input_size", type=cli.positive_int, default=None,
                      help="centre crop = network input size")
     pre.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=None)
-    pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None)
+    pre.add_argument("--mean", type=cli.finite_float, nargs=3, metavar=("R", "G", "B"), default=None)
     pre.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None)
 
     q = p.add_argument_group("quantization (bench/bench_int8.py compares the choices on given weights; README "
@@ -93,6 +94,9 @@ def main(args):
         return run(args)
     except cli.ScriptError as e:
         raise SystemExit(cli.report(e, "quantize.py")) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was asked is not done, and nothing half-written replaced a file
+        print("quantize.py: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 

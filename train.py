@@ -171,10 +171,21 @@ def get_args_parser(add_help=True):
                          "defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
                                                   f"--{'' if v else 'no-'}{k}" for k, v in
                                                   recipes.named("linear-probe").flags.items()))
+    tl.add_argument("--lp-epochs", type=cli.non_negative_int, default=0,
+                    help="LP-FT: before fine-tuning every layer, train the fresh classifier alone for this many "
+                         "epochs on cached backbone features of centre crops (Kumar et al., ICLR 2022); 0: off. "
+                         "With --pretrained, see recipes/finetune.yaml")
+    tl.add_argument("--lp-lr", type=cli.positive_float, default=0.1,
+                    help="the linear probe's lr with --lp-epochs (SGD momentum 0.9, per-step cosine, batch 32)")
+    tl.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep every BatchNorm's running statistics as the weights have them (eval-mode BatchNorm; "
+                         "scale and shift still train). Default: on when the --pretrained file's BatchNorm is "
+                         "folded into its convolutions (running means 0, variances 1, as converters leave them), "
+                         "where batch statistics would change the network's function; off otherwise")
     tl.add_argument("--val-split", type=cli.fraction, default=None,
                     help="hold out this fraction of each class for validation when the data has no val/ "
                          "(seeded by --seed, recorded in the checkpoints: a resume and evaluate.py use the same)")
-    tl.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+    tl.add_argument("--mean", type=cli.finite_float, nargs=3, metavar=("R", "G", "B"), default=None,
                     help="normalisation mean on 0..1 RGB (default: the --pretrained file's, else ImageNet's); "
                          "recorded in the checkpoints for evaluate.py")
     tl.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"), default=None,

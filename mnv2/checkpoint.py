@@ -132,6 +132,7 @@ def read_weights(path):
         raise WeightsError(f"{path}: no such weight file; check the path")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: the file is empty (an interrupted download or save?); use another copy")
+    _refuse_other_formats(path)
     _check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -153,6 +154,31 @@ def read_weights(path):
     if is_checkpoint(data):
         _check_entries(data, path)
     return data
+
+
+# An ONNX ModelProto opens with ir_version (field 1, a small varint), then a producer, domain, graph or
+# opset field; no torch.save file opens so (a zip: "PK", a legacy pickle: 0x80).
+_ONNX_NEXT_FIELDS = (0x12, 0x1a, 0x22, 0x2a, 0x32, 0x3a, 0x42)
+
+
+def _refuse_other_formats(path):
+    """Model files that are not weights, named for what they are, with what to pass instead."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return  # torch.load says it in its own words
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise WeightsError(f"{path}: a TorchScript program (torch.jit.save), not weights: pass the weights or "
+                               "checkpoint it was exported from")
+    elif path.suffix.lower() == ".onnx" or (len(head) >= 3 and head[0] == 0x08 and head[1] < 0x80
+                                            and head[2] in _ONNX_NEXT_FIELDS):
+        raise WeightsError(f"{path}: an ONNX model, not PyTorch weights: evaluate.py --weights scores it as it is; "
+                           "to fine-tune, resume, quantize or count it, pass the weights or checkpoint it was "
+                           "exported from")
 
 
 def _is_int(value, low=0):

@@ -10,6 +10,7 @@ repo: it imports nothing of the project, so the network, the data and the script
 import argparse
 import math
 import sys
+import unicodedata
 
 import torch
 
@@ -33,9 +34,17 @@ def own_message(error):
     return text
 
 
+def printable(text, keep="\t"):
+    """`text` with every control or unassigned character but those in `keep` escaped (ESC -> '\\x1b'), so
+    that a file or folder name cannot drive the terminal it is printed on, nor break a line in two."""
+    return "".join(c if c in keep or unicodedata.category(c)[0] != "C" else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in str(text))
+
+
 def report(error, prog, prefix=None):
     """Print `error` as the script's one line on stderr and return its exit code."""
-    print(f"{prefix or prog + ': error: '}{own_message(error)}", file=sys.stderr, flush=True)
+    print(f"{prefix or prog + ': error: '}{printable(own_message(error))}", file=sys.stderr, flush=True)
     return getattr(error, "exit_code", 1)
 
 
@@ -60,7 +69,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         # One line, exit code 2, as argparse does, without the many-line usage block in front of it.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
         if self.presets is None or namespace is not None:
@@ -108,6 +117,13 @@ def non_negative_int(text):
     return value
 
 
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not value > 0 or not math.isfinite(value):
@@ -147,5 +163,5 @@ def logger(enabled):
     """print, or nothing: the one log function of every script (only rank 0 of a job speaks)."""
     def log(*parts):
         if enabled:
-            print(*parts, flush=True)
+            print(*(printable(part, keep="\t\n") for part in parts), flush=True)
     return log

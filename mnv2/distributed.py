@@ -214,10 +214,38 @@ def setup(device_type, timeout_minutes=30.0):
     else:
         device, backend = torch.device("cpu"), "gloo"
     # The timeout bounds how long a rank waits on a peer that hangs without dying; a peer that dies
-    # closes its sockets and the collective fails at once.
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    # closes its sockets and the collective fails at once. Joining gets at most JOIN_MINUTES of it: a
+    # process that waits for ranks that were never started should say so in minutes, not at the end.
+    join = min(timeout_minutes, JOIN_MINUTES)
+    address = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
+    if rank == 0 and "SLURM_JOB_ID" in os.environ:
+        print(f"SLURM task 0 of {world_size}: waiting up to {join:g} min for the others at {address}",
+              flush=True)
+    try:
+        store = dist.TCPStore(address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1]), world_size,
+                              is_master=rank == 0, timeout=datetime.timedelta(minutes=join))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    except (RuntimeError, ValueError) as e:  # DistStoreError and DistNetworkError are RuntimeErrors
+        raise JoinFailed(rank, world_size, address, join, e) from None
     return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+JOIN_MINUTES = 5.0
+
+
+class JoinFailed(ScriptError, RuntimeError):
+    """The job's processes did not all meet: one line saying which rank waited, where, and the likely cause."""
+
+    def __init__(self, rank, world_size, address, minutes, error):
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).splitlines() or [""])[0])[:160]
+        hint = ("under SLURM, start it with `srun python train.py ...`: a plain `python train.py` in a batch "
+                f"script of {world_size} tasks is one process waiting for {world_size - 1} that never come"
+                if "SLURM_JOB_ID" in os.environ else
+                "start every process of the job (torchrun --nproc-per-node, --nnodes) and check that "
+                f"{address} is reachable from each")
+        super().__init__(f"rank {rank} of {world_size}: the job's processes did not all join at {address} within "
+                         f"{minutes:g} min ({type(error).__name__}: {reason}); {hint}")
 
 
 def cleanup():

@@ -65,10 +65,11 @@ def deployed_preprocessing(pre, meta):
 def class_names(data_dir, meta, order, num_classes):
     """(wnids, names) in the model's label order: the devkit's meta.mat when --data-dir has one, else the
     names saved with a checkpoint, else torchvision's list (sorted order only), else placeholders."""
-    if data_dir is not None:
+    if data_dir is not None and is_imagenet_data(data_dir, order):
         try:
             classes = read_classes(find_layout(data_dir), order)
-            return list(classes.wnids), list(classes.names)
+            if len(classes.wnids) == num_classes:  # a 10-class model's outputs are not the devkit's classes
+                return list(classes.wnids), list(classes.names)
         except DataError:
             pass  # no devkit there: the next source of names will do
     saved = meta.get("classes") or {}
@@ -213,7 +214,14 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
         kwargs = {"opset": opset, "metadata": metadata} if kind == "onnx" else \
             {"metadata": metadata} if kind == "pte" else {}
         with outputs.staged(target) as staging:  # only a file that passed its check replaces the target
-            diff = write(deploy, staging, input_size=input_size, reference=model, **kwargs)
+            try:
+                diff = write(deploy, staging, input_size=input_size, reference=model, **kwargs)
+            except cli.ScriptError:
+                raise
+            except Exception as e:  # the exporter's own failure: a torch.onnx, torch.jit or ExecuTorch error
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                raise EvaluationError(f"{target}: the {kind} export failed ({type(e).__name__}: {reason}); "
+                                      "nothing was written") from None
             if diff is not None and not diff <= tolerance:
                 raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
                                       f"(> {tolerance:g}); not written, do not deploy it")
@@ -236,10 +244,10 @@ def run_predict(args, job):
     for f, top, error in rows:
         if error:
             errors.append(error)
-            print(f"evaluate.py: error: {error}", file=sys.stderr, flush=True)
+            print(f"evaluate.py: error: {cli.printable(error)}", file=sys.stderr, flush=True)
             out.append({"file": str(f), "error": error})
             continue
-        print(f)
+        print(cli.printable(f))
         for i, prob in top:
             print(f"  {100 * prob:6.2f}%  {i:4d}  {wnids[i] + '  ' if wnids[i] else ''}{names[i]}")
         out.append({"file": str(f), "top": [{"index": i, "wnid": wnids[i], "name": names[i], "prob": prob}
@@ -277,19 +285,35 @@ def folder_samples(args, job, log):
     wnids, names = class_names(args.data_dir, job.meta, job.order, job.num_classes)
     for folder, i in index.items():
         if names[i] == f"class {i}":  # weights without names, matched by position: the folder names it
-            names[i] = folder
+            names[i] = image_folders.display_name(folder)
     return samples, Classes(job.order, wnids, names, [0] * job.num_classes)
 
 
+def is_imagenet_data(data_dir, order):
+    """Whether to read `data_dir` as ImageNet (devkit, WNID order) rather than as a folder of classes: weights
+    trained on folders are always scored on folders, whatever the layout looks like (a train/ + val/ of
+    classes is also torchvision's ImageNet layout)."""
+    return order != image_folders.FOLDER_ORDER and image_folders.is_imagenet_layout(data_dir)
+
+
+def spread(samples, count):
+    """The first `count` samples taken class by class in turn (each class's first image, then each one's
+    second, ...), in their order: a --max-images subset of class folders covers every class, not the first few."""
+    ranked = {}
+    order = []
+    for i, (_, label) in enumerate(samples):
+        order.append((ranked.get(label, 0), i))
+        ranked[label] = ranked.get(label, 0) + 1
+    return [samples[i] for i in sorted(i for _, i in sorted(order)[:count])]
+
+
 def run_scoring(args, job, log):
-    if image_folders.is_imagenet_layout(args.data_dir):
-        samples, classes = imagenet_samples(args, job)
-    else:
-        samples, classes = folder_samples(args, job, log)
+    imagenet = is_imagenet_data(args.data_dir, job.order)
+    samples, classes = imagenet_samples(args, job) if imagenet else folder_samples(args, job, log)
     if not samples:
         raise DataError(f"{args.data_dir}: no validation images found")
-    if args.max_images:
-        samples = samples[:args.max_images]
+    if args.max_images:  # ImageNet's val files come in no class order; class folders do
+        samples = samples[:args.max_images] if imagenet else spread(samples, args.max_images)
     pre = job.pre
     dataset = ImageNetDataset(samples, eval_transform(pre["input_size"], pre["resize"], pre["interpolation"]),
                               train=False)
@@ -299,7 +323,10 @@ def run_scoring(args, job, log):
                      channels_last=job.channels_last, amp=args.amp, progress=not args.no_progress,
                      collect_predictions=bool(args.predictions), per_class=True,
                      confusion=bool(args.per_class or args.confusion))
-    log(f"top-1 {stats['top1']:.3f}%  top-5 {stats['top5']:.3f}%  mean per-class top-1 "
+    if job.num_classes <= 5:  # top-5 of 5 classes or fewer is 100% by definition
+        stats["top5"] = None
+    top5 = f"  top-5 {stats['top5']:.3f}%" if stats["top5"] is not None else ""
+    log(f"top-1 {stats['top1']:.3f}%{top5}  mean per-class top-1 "
         f"{stats['mean_class_top1']:.3f}%  loss {stats['loss']:.4f}  "
         f"images {stats['images']} (failed to decode: {stats['failed']})  "
         f"{stats['images_per_s']:.1f} images/s on {job.world} x {job.device.type}")
@@ -346,10 +373,10 @@ def write_predictions(path, predictions, samples, classes):
     rows = []
     for p in predictions:
         target = p["target"]
-        row = [p["index"], samples[p["index"]][0], target, classes.wnids[target], int(p["failed"])]
+        row = [p["index"], samples[p["index"]][0], target, classes.wnids[target], classes.names[target],
+               int(p["failed"])]
         for c, prob in zip(p["top5"], p["prob5"]):
-            row += [c, classes.wnids[c], f"{prob:.6f}"]
+            row += [c, classes.wnids[c], classes.names[c], f"{prob:.6f}"]
         rows.append(row)
-    outputs.write_csv(path, ["index", "file", "target", "target_wnid", "failed"]
-                      + [f"{col}{j + 1}" for j in range(k) for col in ("pred", "wnid", "prob")], rows)
-
+    outputs.write_csv(path, ["index", "file", "target", "target_wnid", "target_name", "failed"]
+                      + [f"{col}{j + 1}" for j in range(k) for col in ("pred", "wnid", "name", "prob")], rows)

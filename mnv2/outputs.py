@@ -110,7 +110,8 @@ def write_reports(metrics, directory):
               [[_fmt(row.get(k)) for k in METRIC_FIELDS] for row in metrics])
     # The seed's result.txt: one readable line per epoch.
     lines = [f"epoch {m['epoch']} lr {m['lr']:.6f} train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2f} "
-             f"| val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2f} top5 {m['val_top5']:.2f}"
+             f"| val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2f}"
+             + (f" top5 {m['val_top5']:.2f}" if m.get("val_top5") is not None else "")
              + (f" | ema top1 {m['ema_val_top1']:.2f}" if m.get("ema_val_top1") is not None else "")
              + f" | {m['images_per_s']:.0f} img/s {m['seconds']:.0f} s" for m in metrics]
     atomic_write(directory / "result.txt", "\n".join(lines) + "\n")
@@ -135,7 +136,8 @@ def plot_curves(metrics, path):
     axes[0].set_title("loss")
     axes[1].plot(epochs, [m["train_top1"] for m in metrics], "o-", label="train top-1")
     axes[1].plot(epochs, [m["val_top1"] for m in metrics], "o-", label="val top-1")
-    axes[1].plot(epochs, [m["val_top5"] for m in metrics], "o-", label="val top-5")
+    if any(m.get("val_top5") is not None for m in metrics):  # none with 5 classes or fewer: always 100%
+        axes[1].plot(epochs, [m["val_top5"] for m in metrics], "o-", label="val top-5")
     if any(m.get("ema_val_top1") is not None for m in metrics):
         axes[1].plot(epochs, [m.get("ema_val_top1") for m in metrics], "o-", label="EMA val top-1")
     axes[1].set_title("accuracy (%)")
@@ -317,6 +319,7 @@ def plot_confusion(matrix, names, path, top_pairs=20):
     image = io.BytesIO()
     with warnings.catch_warnings():  # a name in a script the font lacks is drawn as boxes; the CSV keeps it
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        warnings.filterwarnings("ignore", message=".*[Tt]ight.?layout")  # long names: the plot is drawn anyway
         fig.tight_layout()
         fig.savefig(image, format="png", dpi=90)
     plt.close(fig)

@@ -35,6 +35,7 @@ class Resolved:
     model: nn.Module = None      # on the CPU in eval mode; an onnx_weights.OnnxFileModel for an ONNX file;
                                  # None when resolved with strict=False
     config: tuple = ()           # (num_classes, width_mult) the file holds
+    data: dict = None            # the file's contents as read (strict=False: for loaders of what fits)
     known: str = None            # the public file's name, when recognised by sha256
     entry: dict = None           # its weights.KNOWN_WEIGHTS entry
     meta: dict = None            # what a repo checkpoint (or a deployed ONNX file) records of itself
@@ -51,7 +52,8 @@ def weights(name, *, flag="--weights", pretrained_dir=PRETRAINED_DIR, num_classe
     loads what fits instead). Every failure is one line naming `flag`."""
     path = locate(name, flag, pretrained_dir, log)
     digest = sha256_of(path)
-    if onnx_weights.is_onnx_file(path):
+    onnx = onnx_weights.is_onnx_file(path)
+    if onnx:
         if not allow_onnx:
             raise UsageError(f"{flag} {path}: an ONNX file, where PyTorch weights are needed; pass the checkpoint "
                              "it was exported from")
@@ -79,7 +81,7 @@ def weights(name, *, flag="--weights", pretrained_dir=PRETRAINED_DIR, num_classe
             raise WeightsError(f"{flag} {path}: {e}") from None
     pre, source = resolve_preprocessing(meta, entry, preprocessing or {})
     order = resolve_class_order(meta, entry, class_order, log)
-    return Resolved(path=path, model=model, config=config, sha256=digest, known=known, entry=entry, meta=meta,
+    return Resolved(path=path, model=model, config=config, data=None if strict or onnx else raw, sha256=digest, known=known, entry=entry, meta=meta,
                     preprocessing=pre, preprocessing_source=source, class_order=order)
 
 

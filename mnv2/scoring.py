@@ -2,6 +2,7 @@
 that does not decode is a miss, never dropped), per-class counts, and single-image predictions.
 """
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _world():
 
 
 def _progress_bar(loader, enabled):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # a bar in a piped log is noise: the result line says it all
         return loader, None
     try:
         from tqdm import tqdm

@@ -315,6 +315,18 @@ def load_model(source, num_classes=None, width_mult=None, dropout=0.0, use_ema=F
     return model.eval()
 
 
+def batchnorm_folded(source):
+    """Whether a weight file's BatchNorm was folded into its convolutions, as converters from TFLite and other
+    frameworks leave it: every running mean 0 and every running variance 1 (or 1 - eps). Such weights are
+    exact in eval mode, but a BatchNorm that trains normalises by batch statistics those weights never saw."""
+    data = checkpoint.read_weights(source) if isinstance(source, (str, Path)) else source
+    state, _ = to_torchvision_keys(_model_state(data, False)[0])
+    means = [v for k, v in state.items() if k.endswith("running_mean")]
+    variances = [v for k, v in state.items() if k.endswith("running_var")]
+    return bool(means) and all(bool((m == 0).all()) for m in means) and \
+        all(bool(((v - 1).abs() <= 1e-3).all()) for v in variances)
+
+
 def file_config(source):
     """(num_classes, width_mult) of the MobileNetV2 in a weight file (path or the dict `read_weights` returned)."""
     data = checkpoint.read_weights(source) if isinstance(source, (str, Path)) else source
@@ -359,6 +371,12 @@ def load_strict(model, state, source=None):
             part for part in (missing and f"missing {_some(missing)}",
                               unexpected and f"unexpected {_some(unexpected)}") if part))
     wrong = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if not wrong:
+        broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                      None)
+        if broken is not None:
+            raise WeightsError(prefix + f"{broken} holds NaN or infinite values (the weights of a run that "
+                                        "diverged); use an earlier checkpoint")
     if wrong:
         hint = "--num-classes" if wrong[0].startswith("classifier") else "--width-mult"
         raise WeightsError(prefix + "shapes that do not fit: " + _some(

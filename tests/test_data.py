@@ -505,3 +505,12 @@ def test_without_devkit_a_complete_train_folder_gives_the_sorted_order(tmp_path)
     shutil.rmtree(tmp_path / "train" / wnids[3])
     with pytest.raises(imagenet.DataError, match="999 <wnid>/ folders"):
         imagenet.read_classes(layout, "sorted")
+
+
+def test_a_symbolic_link_loop_in_a_flat_val_folder_is_no_traceback(fake_imagenet):
+    val = fake_imagenet["root"] / "ILSVRC2012_img_val"
+    (val / "loop_a").symlink_to(val / "loop_b")
+    (val / "loop_b").symlink_to(val / "loop_a")
+    layout = imagenet.find_layout(fake_imagenet["root"])
+    samples = imagenet.list_samples(layout, "val", imagenet.read_classes(layout))
+    assert len(samples) == 6 and layout.val_flat  # the fixture's 6 val images; the links are no images

@@ -6,7 +6,9 @@
 A width-0.25 network trained for a few seconds on the demo digits in folders named zero..nine stands for
 ImageNet weights; the user's photos are other digits as class folders with odd names and mixed files.
 """
+import csv
 import hashlib
+import shutil
 import socket
 
 import pytest
@@ -15,11 +17,14 @@ from PIL import Image
 from torch import nn
 
 import evaluate
+import quantize
 import train
 from helpers import load_checkpoint, run_main, run_script
 from mnv2 import outputs, scoring, weights
 from mnv2.data import folders as image_folders
 from mnv2.data.demo import make_folder_demo
+from mnv2.training import config, finetune
+from mnv2.weights import load_model
 from MobileNetV2 import MobileNetV2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -278,7 +283,6 @@ def test_a_folder_trained_checkpoint_exports_and_quantizes_with_its_names_and_he
     """The float ONNX export and quantize.py's INT8 file of a fine-tuned checkpoint carry the folder names and
     the held-out images: evaluate.py scores each file on exactly those images, by name, with no flags;
     quantize.py calibrates on the other images and scores the held-out ones."""
-    import quantize
     out, tuned = finetuned
     names = sorted(ODD_NAMES.values())
     float_file, int8_file = tmp_path / "tuned.onnx", tmp_path / "tuned.int8.onnx"
@@ -302,3 +306,145 @@ def test_a_folder_trained_checkpoint_exports_and_quantizes_with_its_names_and_he
             assert result["top1"] == pytest.approx(float_top1, abs=1e-6)
         else:
             assert result["top1"] == pytest.approx(made["accuracy"]["INT8 ONNX"]["top1"], abs=1e-6)
+
+
+def split_folders(photos, root):
+    """photos/<class>/ laid out as root/train/<class>/ + root/val/<class>/ (every fourth image held out)."""
+    for folder in sorted(p for p in photos.iterdir() if p.is_dir()):
+        for i, f in enumerate(sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png"))):
+            target = root / ("val" if i % 4 == 0 else "train") / folder.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target / f.name)
+    return root
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_on_train_and_val_folders_is_scored_and_quantized_on_them(source, photos, tmp_path):
+    data = split_folders(photos, tmp_path / "D")   # also torchvision's ImageNet layout, to the eye
+    out = tmp_path / "out"
+    assert run_main(train, train_args(data, out, "--pretrained", source, "--num-epochs", "1", "--batch-size", "16",
+                                      "--freeze-backbone")) == 0
+    tuned = load_checkpoint(out / "best.pth")
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(out / "best.pth"), "--data-dir", str(data), "--num-workers", "0", "--per-class"]))
+    assert result["images"] == 40 and result["top1"] == pytest.approx(tuned["metrics"][-1]["val_top1"])
+    assert [row["name"] for row in result["per_class"]] == sorted(ODD_NAMES.values())
+    code, err, _ = run_script(quantize, "--weights", out / "best.pth", "--data-dir", data, "--out",
+                              tmp_path / "model.int8.onnx", "--num-workers", 0, "--no-speed",
+                              "--calibration-images", 32)
+    assert code == 0, err
+    scored = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "model.int8.onnx"), "--data-dir", str(data), "--num-workers", "0"]))
+    assert scored["images"] == 40 and scored["class_order"] == "folders"
+
+
+@pytest.mark.slow
+def test_qat_with_a_val_split_writes_an_int8_file_scored_on_the_held_out_images_only(source, photos, tmp_path):
+    out = tmp_path / "qat"
+    assert run_main(train, train_args(photos, out, "--qat", source, "--val-split", "0.25", "--num-epochs", "1",
+                                      "--batch-size", "16", "--calibration-images", "32")) == 0
+    held_out = load_checkpoint(out / "last.pth")["data"]["val_split"]["files"]
+    scored = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(out / "model.int8.onnx"), "--data-dir", str(photos), "--num-workers", "0"]))
+    assert scored["images"] == len(held_out) == 40  # not all 160 photos, 120 of them trained on
+
+
+def folded(source, path):
+    """`source`'s weights as converters leave them: BatchNorm folded into the convolutions (eval-mode outputs
+    unchanged), every running mean 0 and variance 1."""
+    model = load_model(source)
+    for conv, bn in [(m[i], m[i + 1]) for m in model.modules() if isinstance(m, nn.Sequential)
+                     for i in range(len(m) - 1) if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d)]:
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        with torch.no_grad():
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            bn.bias.copy_(bn.bias - bn.running_mean * scale)
+            bn.weight.fill_(1.0)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_folded_batchnorm_weights_are_recognised_and_fine_tune_with_frozen_statistics(source, photos, tmp_path, capsys):
+    start = folded(source, tmp_path / "folded.pth")
+    reference, converted = load_model(source), load_model(start)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(reference(x), converted(x), atol=1e-4)  # the same function in eval mode
+    capsys.readouterr()
+    tuned = finetune_run(photos, tmp_path / "frozen", "--pretrained", start, "--num-epochs", "1")
+    printed = capsys.readouterr().out
+    assert "BatchNorm is folded" in printed and "--freeze-bn: BatchNorm statistics of" in printed
+    means = [v for k, v in tuned["model"].items() if k.endswith("running_mean")]
+    assert all(bool((m == 0).all()) for m in means)  # never re-estimated from the small batches
+    tuned = finetune_run(photos, tmp_path / "free", "--pretrained", start, "--num-epochs", "1", "--no-freeze-bn")
+    assert "--freeze-bn" not in capsys.readouterr().out
+    assert any(bool((v != 0).any()) for k, v in tuned["model"].items() if k.endswith("running_mean"))
+
+
+def test_batchnorm_folded_tells_converted_weights_from_trained_ones(tmp_path):
+    model = MobileNetV2(num_classes=10, width_mult=0.25)
+    assert weights.batchnorm_folded(model.state_dict())  # a fresh model's statistics are 0 and 1 too
+    model.features[0][1].running_mean.add_(0.1)
+    assert not weights.batchnorm_folded(model.state_dict())
+
+
+def test_freeze_bn_keeps_every_batchnorm_in_eval_mode_and_its_affine_trainable():
+    model = MobileNetV2(num_classes=10, width_mult=0.25)
+    frozen = finetune.freeze_batchnorm(model, True, log=lambda *a: None)
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen == len(norms) == 52 and not any(m.training for m in norms)
+    assert all(m.weight.requires_grad for m in norms) and model.classifier.training
+    before = [m.running_mean.clone() for m in norms]
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_class_folder_was_added_names_it_and_the_ways_on(source, photos, tmp_path, capsys):
+    data = tmp_path / "photos"
+    shutil.copytree(photos, data)
+    out = tmp_path / "out"
+    assert run_main(train, train_args(data, out, "--pretrained", source, "--num-epochs", "1", "--batch-size", "16",
+                                      "--val-split", "0.25", "--freeze-backbone")) == 0
+    shutil.copytree(data / "drei", data / "vier\x1b[2J")  # a new folder, its name holding a terminal escape
+    capsys.readouterr()
+    code = run_main(train, train_args(data, out, "--pretrained", source, "--num-epochs", "2", "--batch-size", "16",
+                                      "--val-split", "0.25", "--freeze-backbone", "--resume", "auto"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "new: vier\\x1b[2J" in err[0] and "\x1b" not in err[0] and "put the folders back" in err[0]
+    assert "--num-classes" not in err[0]
+
+
+def test_a_named_recipe_keeps_the_width_from_the_file_and_a_linear_probe_a_linear_probe(source, photos):
+    args = config.check_args(train_args(photos, "out", "--recipe", "torchvision-v2", "--pretrained", source,
+                                        "--freeze-backbone", "--val-split", "0.2"))
+    assert args.width_mult == 0.25                                   # the file's, no --width-mult needed
+    assert (args.augment, args.lr, args.cache_features) == (False, 0.1, True)  # the probe's own
+    assert args.opt == "sgd" and args.label_smoothing == 0.1         # the recipe's method otherwise
+
+
+@pytest.mark.slow
+def test_a_two_class_run_reports_no_top5_names_its_predictions_and_samples_every_class(source, photos, tmp_path,
+                                                                                      capsys):
+    data = tmp_path / "two"
+    for name in ("drei", "sept"):
+        shutil.copytree(photos / name, data / name)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_main(train, train_args(data, out, "--pretrained", source, "--num-epochs", "1", "--batch-size", "16",
+                                      "--val-split", "0.25", "--freeze-backbone", "--no-cache-features")) == 0
+    printed = capsys.readouterr().out
+    assert "top1" in printed and "top5" not in printed               # 2 classes: top-5 is 100% by definition
+    assert "note: each epoch leaves out 8 of 24 training images" in printed  # 24 images, batches of 16
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--weights", str(out / "best.pth"), "--data-dir", str(data), "--num-workers", "0", "--max-images", "2",
+         "--predictions", str(tmp_path / "predictions.csv")]))
+    assert "top-5" not in capsys.readouterr().out and result["images"] == 2
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["target_name"] for row in rows) == ["drei", "sept"]  # one of each class, by name
+    assert all(row["name1"] in ("drei", "sept") for row in rows)

@@ -156,3 +156,15 @@ def test_torch_compile_sees_the_swapped_model_as_one_graph(kernel):
     fused_batchnorm.use_for_cpu_training(model)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     assert torch._dynamo.explain(model.train())(x).graph_break_count == 0
+
+
+def test_the_build_folder_is_keyed_by_source_flags_torch_and_environment(monkeypatch, tmp_path):
+    name = fused_batchnorm.kernel_name()
+    assert name.startswith("mobilenetv2_fused_batchnorm_") and name == fused_batchnorm.kernel_name()
+    other = tmp_path / "fused_batchnorm.cpp"
+    other.write_bytes(fused_batchnorm.SOURCE.read_bytes() + b"\n// another checkout's edit\n")
+    monkeypatch.setattr(fused_batchnorm, "SOURCE", other)
+    edited = fused_batchnorm.kernel_name()
+    assert edited != name  # a second checkout with other sources builds beside this one, not over it
+    monkeypatch.setattr(fused_batchnorm.sys, "prefix", str(tmp_path / "another-venv"))
+    assert fused_batchnorm.kernel_name() not in (name, edited)  # and so does another venv

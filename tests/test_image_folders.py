@@ -199,3 +199,28 @@ def test_make_demo_writes_named_digit_folders_of_jpg_and_png(tmp_path):
     assert {Path(f).suffix for files in found.values() for f in files} == {".jpg", ".png"}
     code, _, out = run_script(read_ImageNetData, "--data-dir", tmp_path / "digits", "--val-split", "0.1")
     assert code == 0 and "10 classes; 1618 train / 179 val images" in out and "  zero" in out
+
+
+def test_the_folder_demo_refuses_a_folder_of_someone_elses_classes(tmp_path):
+    mine = tmp_path / "photos"
+    write_image(mine / "tulip" / "a.jpg")
+    code, err, _ = run_script(read_ImageNetData, "--make-demo", mine, "--demo-layout", "folders")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "left alone" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["tulip"]  # nothing written beside the user's class
+    code, _, _ = run_script(read_ImageNetData, "--make-demo", tmp_path / "digits", "--demo-layout", "folders")
+    assert code == 0
+    code, _, _ = run_script(read_ImageNetData, "--make-demo", tmp_path / "digits", "--demo-layout", "folders")
+    assert code == 0  # its own folder: written again, the same
+
+
+def test_a_link_back_to_a_class_folder_lists_each_image_once(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("daisy", "rose"):
+        for k in range(3):
+            write_image(root / name / f"{k}.jpg", k)
+    (root / "rose" / "again").symlink_to(root / "rose")       # a loop: rose/again/again/... is rose
+    (root / "rose" / "daisy-too").symlink_to(root / "daisy")  # not a loop: another class's folder, read once here
+    found, skipped = folders.scan_classes(root)
+    assert sorted(found["rose"]) == ["rose/0.jpg", "rose/1.jpg", "rose/2.jpg", "rose/daisy-too/0.jpg",
+                                     "rose/daisy-too/1.jpg", "rose/daisy-too/2.jpg"]
+    assert skipped.loops == 1 and "link back to a folder already read" in skipped.note("photos")

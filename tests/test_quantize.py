@@ -423,3 +423,24 @@ def test_qat_fake_quantization_computes_what_the_int8_file_computes(tmp_path):
     quantization.quantize_onnx(model, batches, tmp_path / "m.onnx", SIZE, bias_correction=False)
     got = onnx_weights.OnnxFileModel(tmp_path / "m.onnx")(x)
     assert (got - fake).abs().max() < 0.25 * (got - want).abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--out", "--json", "--export-pte"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_calibration(flag, weights, data, tmp_path):
+    taken = tmp_path / "a folder.onnx"  # a folder where the file would go
+    taken.mkdir()
+    argv = {"--out": ["--out", taken], "--json": ["--out", tmp_path / "m.onnx", "--json", taken],
+            "--export-pte": ["--out", tmp_path / "m.onnx", "--export-pte", taken]}[flag]
+    code, err, printed = run_script(quantize, "--weights", weights["path"], "--data-dir", data, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} {taken}" in err, err
+    assert "calibrated" not in printed and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_output_folder_is_made(weights, data, tmp_path):
+    out = tmp_path / "not" / "there" / "model.int8.onnx"
+    code, err, _ = run_script(quantize, "--weights", weights["path"], "--data-dir", data, "--out", out,
+                              "--calibration-images", 16, "--no-speed", "--max-images", 10)
+    assert code == 0, err
+    assert out.stat().st_size > 0

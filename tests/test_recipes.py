@@ -476,3 +476,9 @@ def test_ddp_with_accumulation_steps_on_the_mean_of_all_passes_of_the_global_bat
         optimizer.step()
     worst = max((ddp[k] - p).abs().max().item() for k, p in reference.named_parameters())
     assert worst <= 1e-9
+
+
+def test_the_demo_with_a_recipe_writes_beside_the_quick_start_not_over_it():
+    assert parse("--demo").save_path == "output/demo"
+    assert parse("--demo", "--recipe", "torchvision-v2").save_path == "output/demo-torchvision-v2"
+    assert parse("--demo", "--recipe", "d-li14", "--save-path", "mine").save_path == "mine"

@@ -30,6 +30,7 @@ import read_ImageNetData as data
 import train
 from helpers import RunsCode, fake_synsets, one_line, run_script, write_jpeg, write_meta_mat
 from mnv2 import checkpoint, outputs, scoring
+from mnv2 import evaluation as ev_run
 from mnv2.data import imagenet, loaders, transforms
 from MobileNetV2 import MobileNetV2
 
@@ -472,3 +473,85 @@ def test_wrong_flag_value_is_one_argparse_line_and_exit_2(tool, flags, flag, bar
     code, err, out = run_script(module, *base, *flags)
     line = one_line(err)
     assert code == 2 and line.startswith(f"{tool}.py: error:") and flag in line and out == ""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model written as an ONNX file (under a .pth name too) and as a TorchScript program."""
+    import warnings
+
+    from mnv2.deploy import export
+    root = tmp_path_factory.mktemp("exported")
+    model = MobileNetV2(num_classes=10, width_mult=0.25).eval()
+    export.export_onnx(model, root / "model.onnx", input_size=32, check_batch=1)
+    shutil.copy(root / "model.onnx", root / "renamed.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is on its way out: a user may still have one
+        torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), root / "model.pt")
+    return root
+
+
+@pytest.mark.parametrize("name, what", [("model.onnx", "an ONNX model"), ("renamed.pth", "an ONNX model"),
+                                        ("model.pt", "a TorchScript program")])
+def test_a_deployed_file_given_as_weights_is_named_for_what_it_is(exported, name, what):
+    code, err, _ = run_script(count_flops, "--weights", exported / name)
+    line = one_line(err)
+    assert code == 1 and f"{exported / name}: {what}" in line and "exported from" in line
+    assert "could run code" not in line and "corrupt" not in line
+
+
+@pytest.mark.slow
+def test_a_deployed_file_given_as_pretrained_is_named_for_what_it_is(exported, demo, tmp_path):
+    code, err, _ = run_script(train, "--data-dir", demo, "--pretrained", exported / "model.pt", "--device", "cpu",
+                              "--save-path", tmp_path / "out")
+    assert code != 0 and "a TorchScript program" in one_line(err)
+    assert not (tmp_path / "out" / "last.pth").exists()
+
+
+def test_weights_holding_nan_are_refused_in_one_line_not_scored(demo, tmp_path):
+    model = MobileNetV2(num_classes=10, width_mult=0.25)
+    state = model.state_dict()
+    state["features.3.conv.1.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "diverged.pth")
+    code, err, out = run_script(ev, "--weights", tmp_path / "diverged.pth", "--data-dir", demo, "--num-workers", 0)
+    line = one_line(err)
+    assert code == 1 and "features.3.conv.1.0.weight holds NaN" in line and "top-1" not in out
+
+
+def test_a_file_name_with_terminal_controls_is_printed_escaped(tmp_path):
+    evil = tmp_path / "clear\x1b[2J\x07here.pth"
+    evil.write_bytes(b"")
+    code, err, _ = run_script(count_flops, "--weights", evil)
+    assert code == 1 and "\x1b" not in err and "\x07" not in err and "clear\\x1b[2J\\x07here.pth" in err
+
+
+def test_a_ten_class_model_is_not_named_with_the_devkits_classes(demo, tmp_path):
+    model = MobileNetV2(num_classes=10, width_mult=0.25)
+    torch.save(model.state_dict(), tmp_path / "ten.pth")
+    image = next((demo / "ILSVRC2012_img_val").iterdir())
+    code, err, out = run_script(ev, "--weights", tmp_path / "ten.pth", image, "--data-dir", demo)
+    assert code == 0, err
+    assert "class " in out and not any(wnid in out for wnid in imagenet.read_classes(imagenet.find_layout(demo)).wnids[:5])
+
+
+@pytest.mark.parametrize("script, flags", [(train, ["--device", "cpu"]), (ev, ["--weights", "x.pth"])])
+def test_a_mean_that_is_not_a_number_is_refused(script, flags, demo):
+    code, err, _ = run_script(script, "--data-dir", demo, *flags, "--mean", "nan", "0.5", "0.5")
+    assert code == 2 and "--mean" in one_line(err) and "finite" in one_line(err)
+
+
+@pytest.mark.slow
+def test_count_flops_counts_a_checkpoint_at_the_size_it_was_trained_at(trained):
+    code, err, out = run_script(count_flops, "--weights", trained / "last.pth")
+    assert code == 0, err
+    assert ", 32 px," in out.splitlines()[0]  # TRAIN_FLAGS train at 32 px, not the paper's 224
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(trained, demo, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev_run, "evaluate", interrupted)
+    code, err, _ = run_script(ev, "--weights", trained / "last.pth", "--data-dir", demo, "--num-workers", 0)
+    assert code == 130 and one_line(err) == "evaluate.py: interrupted"

@@ -349,3 +349,18 @@ def test_a_checkpoint_with_odd_entries_is_one_line_from_train_and_evaluate(demo_
         code, err, _ = run_script(module, *argv)
         line = one_line(err)
         assert code == 1 and str(odd) in line and repr(next(iter(entry))) in line
+
+
+def test_an_exporter_that_raises_is_one_line_and_keeps_the_good_file(first_run, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"the good file")
+
+    def exporter_bug(model, path, **kwargs):
+        path.write_bytes(b"half a model")
+        raise RuntimeError("Unsupported: ONNX export of operator foo\nlong exporter report ...")
+
+    monkeypatch.setattr(export, "export_onnx", exporter_bug)
+    code, err, _ = run_script(ev, "--weights", first_run / "last.pth", "--device", "cpu", "--export-onnx", target)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "the onnx export failed (RuntimeError: Unsupported" in lines[0]
+    assert target.read_bytes() == b"the good file" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -673,3 +673,32 @@ def test_two_slurm_tasks_train_as_one_job_like_torchrun(data, tmp_path):
     ckpt = load(out / "last.pth")
     assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1
 
+
+
+
+@pytest.mark.slow
+def test_a_batch_script_without_srun_says_so_in_one_line_within_the_join_time(data, tmp_path):
+    """`python train.py` in a batch script of 4 tasks: one process, SLURM_NTASKS=4, no peers ever."""
+    flags = ["--data-dir", data, "--save-path", tmp_path / "out", "--batch-size", BATCH, "--num-epochs", "1",
+             "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0", "--device", "cpu",
+             "--dist-timeout", "0.05"]  # 3 s
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SLURM_NTASKS="4", SLURM_JOB_ID="4243", SLURM_PROCID="0",
+               SLURM_LOCALID="0", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(helpers.free_port()))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr[-2000:]
+    assert "rank 0 of 4" in err[0] and "srun python train.py" in err[0] and "Traceback" not in proc.stderr
+    assert "waiting up to 0.05 min for the others" in proc.stdout
+
+@pytest.mark.parametrize("flags", [["--batch-size", "1"], ["--batch-size", "4", "--accum-steps", "4"]])
+def test_one_image_per_batchnorm_pass_at_a_1x1_map_is_refused_at_start(data, tmp_path, capsys, flags):
+    args = parse(data, tmp_path, *flags)  # 32 px crops: the last feature maps are 1x1
+    assert run_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 image through BatchNorm" in err[0] and "Expected more than" not in err[0]
+    assert not (tmp_path / "last.pth").exists()

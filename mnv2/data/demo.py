@@ -126,6 +126,16 @@ def make_folder_demo(root, seed=0, image_size=32, per_class=None):
     from sklearn.datasets import load_digits
 
     root = Path(root)
+    settings = {"layout": "folders", "seed": seed, "image_size": image_size, "per_class": per_class}
+    made = _demo_marker(root)
+    if made is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root} is not empty and was not written by the demo writer: its files (your classes?) "
+                        "are left alone; choose an empty or new folder for the demo digits")
+    if made is not None and made.get("settings") != settings:
+        raise DataError(f"{root} holds demo digits made with other settings ({made.get('settings')}); delete that "
+                        "folder or choose another one")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text(json.dumps({"settings": settings, "complete": False}) + "\n")
     digits = load_digits()
     rng = np.random.default_rng(seed)
     for digit, name in enumerate(DEMO_DIGITS):
@@ -139,4 +149,5 @@ def make_folder_demo(root, seed=0, image_size=32, per_class=None):
                 im.save(folder / f"{name}_{k}.png")
             else:
                 im.save(folder / f"{name}_{k}.jpg", quality=90)
+    (root / DEMO_MARKER).write_text(json.dumps({"settings": settings, "complete": True}) + "\n")
     return root

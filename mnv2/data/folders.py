@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mnv2 import cli
 from mnv2.cli import UsageError
 from mnv2.data import loaders, transforms
 from mnv2.data.imagenet import (DEVKIT_DIRS, IMAGE_EXTENSIONS, NUM_CLASSES, SPLIT_DIRS, WNID, Classes, DataError,
-                                is_image)
+                                entry_is_dir, is_image)
 from mnv2.data.loaders import ImageNetDataset
 
 IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.tsv"
@@ -42,8 +43,9 @@ def imagenet_classes():
 
 
 def display_name(name):
-    """A class name for people: a bare ImageNet WNID becomes its name ('n01440764' -> 'tench')."""
-    return _imagenet_names().get(name, name) if WNID.match(name) else name
+    """A class name for people: a bare ImageNet WNID becomes its name ('n01440764' -> 'tench'); control
+    characters are shown escaped, so a folder name cannot drive the terminal it is printed on."""
+    return _imagenet_names().get(name, name) if WNID.match(name) else cli.printable(name)
 
 
 @lru_cache(maxsize=1)
@@ -97,16 +99,18 @@ class Skipped:
     not_images: int = 0
     outside: int = 0        # files beside the class folders instead of inside one
     extensions: tuple = ()
+    loops: int = 0          # links back to a folder already walked (each image is read once)
 
     def add(self, other):
         return Skipped(self.hidden + other.hidden, self.not_images + other.not_images, self.outside + other.outside,
-                       tuple(sorted(set(self.extensions) | set(other.extensions))))
+                       tuple(sorted(set(self.extensions) | set(other.extensions))), self.loops + other.loops)
 
     def note(self, where):
         parts = [f"{n} {one if n == 1 else many}" for n, one, many in (
             (self.hidden, "hidden file or folder", "hidden files or folders"),
             (self.not_images, "file that is not an image", "files that are not images"),
-            (self.outside, "file outside the class folders", "files outside the class folders")) if n]
+            (self.outside, "file outside the class folders", "files outside the class folders"),
+            (self.loops, "link back to a folder already read", "links back to folders already read")) if n]
         if not parts:
             return None
         shown = f" ({', '.join(self.extensions[:6])}{' ...' if len(self.extensions) > 6 else ''})" \
@@ -122,18 +126,27 @@ def scan_classes(split_dir):
     found at any depth below it, following links, as ImageFolder does.
     """
     split_dir = Path(split_dir)
-    classes, hidden, not_images, outside, extensions = {}, 0, 0, 0, set()
+    classes, hidden, not_images, outside, extensions, loops = {}, 0, 0, 0, set(), 0
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if entry.name.startswith("."):
             hidden += 1
-        elif entry.is_dir():
+        elif entry_is_dir(entry):
             classes[entry.name] = []
         else:
             outside += 1
     for name, files in classes.items():
-        for folder, dirs, names in sorted(os.walk(split_dir / name, followlinks=True)):
+        walked, listed = set(), []  # real folders already read: a link back to one (a loop) would list them again
+        for folder, dirs, names in os.walk(split_dir / name, followlinks=True):  # top-down, so it can be pruned
+            real = os.path.realpath(folder)
+            if real in walked:
+                loops += 1
+                dirs[:] = []
+                continue
+            walked.add(real)
             hidden += sum(d.startswith(".") for d in dirs)
             dirs[:] = [d for d in dirs if not d.startswith(".")]
+            listed.append((folder, names))
+        for folder, names in sorted(listed):  # the order of ImageFolder's sorted(os.walk(...))
             relative = Path(folder).relative_to(split_dir)
             for file in sorted(names):
                 if file.startswith("."):
@@ -143,7 +156,7 @@ def scan_classes(split_dir):
                 else:
                     not_images += 1
                     extensions.add(Path(file).suffix.lower() or file)
-    return classes, Skipped(hidden, not_images, outside, tuple(sorted(extensions)))
+    return classes, Skipped(hidden, not_images, outside, tuple(sorted(extensions)), loops)
 
 
 def _refuse_empty(found, split_dir):
@@ -372,5 +385,5 @@ def summarize(data_dir, data):
     if data.kind == "folders":
         for i, name in enumerate(data.classes.names):
             val = counts["val"][i] if counts["val"] is not None else 0
-            lines.append(f"  {i:4d}  {counts['train'][i]:6d} train  {val:6d} val  {name}")
+            lines.append(f"  {i:4d}  {counts['train'][i]:6d} train  {val:6d} val  {display_name(name)}")
     return lines

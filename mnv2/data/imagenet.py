@@ -46,13 +46,29 @@ def is_image(name):
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def entry_is_dir(entry):
+    """os.DirEntry.is_dir, False for what cannot be followed (a symbolic link loop, a vanished target)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def entry_is_file(entry):
+    """os.DirEntry.is_file, False for what cannot be followed (a link loop is no image: it is not listed)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def _val_is_flat(val_dir):
     has_files = has_dirs = False
     with os.scandir(val_dir) as entries:
         for e in entries:
-            if e.is_dir() and WNID.match(e.name):
+            if entry_is_dir(e) and WNID.match(e.name):
                 has_dirs = True
-            elif e.is_file() and is_image(e.name):
+            elif entry_is_file(e) and is_image(e.name):
                 has_files = True
     if has_files and has_dirs:
         raise DataError(f"{val_dir} holds both image files and <wnid>/ folders: keep one val layout")
@@ -158,7 +174,7 @@ def _classes_from_folders(layout, class_order):
     for split_dir in (layout.train_dir, None if layout.val_flat else layout.val_dir):
         if split_dir is None:
             continue
-        wnids = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and WNID.match(e.name))
+        wnids = sorted(e.name for e in os.scandir(split_dir) if entry_is_dir(e) and WNID.match(e.name))
         if len(wnids) == NUM_CLASSES:
             log.warning("%s: no devkit meta.mat, so classes are the %d sorted folder names, without "
                         "class names", layout.root, NUM_CLASSES)
@@ -202,13 +218,13 @@ def _folder_samples(split_dir, classes):
     index = classes.index_of()
     samples, unknown = [], []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        if not entry.is_dir():
+        if not entry_is_dir(entry):
             continue
         if entry.name not in index:
             unknown.append(entry.name)
             continue
         label = index[entry.name]
-        names = sorted(e.name for e in os.scandir(entry.path) if e.is_file() and is_image(e.name))
+        names = sorted(e.name for e in os.scandir(entry.path) if entry_is_file(e) and is_image(e.name))
         samples.extend((os.path.join(entry.path, n), label) for n in names)
     if unknown:
         log.warning("%s: ignoring %d folder(s) that are not among meta.mat's %d classes: %s",
@@ -224,7 +240,7 @@ def _flat_val_samples(layout, classes):
     label_of_id = {ilsvrc_id: i for i, ilsvrc_id in enumerate(classes.ilsvrc_ids)}
     numbered = []
     for entry in os.scandir(layout.val_dir):
-        if not (entry.is_file() and is_image(entry.name)):
+        if not (entry_is_file(entry) and is_image(entry.name)):
             continue
         match = VAL_NAME.match(entry.name)
         if not match:
@@ -271,7 +287,7 @@ def summarize(layout, classes, samples):
                         if missing else ""))
         split_dir = layout.train_dir if split == "train" else layout.val_dir
         if split == "train" or not layout.val_flat:
-            unknown = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and e.name not in index)
+            unknown = sorted(e.name for e in os.scandir(split_dir) if entry_is_dir(e) and e.name not in index)
             if unknown:
                 lines.append(f"  unknown folders (not in meta.mat, ignored): {', '.join(unknown[:10])}")
     return lines

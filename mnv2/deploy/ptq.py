@@ -20,6 +20,7 @@ from mnv2.deploy import export, inference, onnx_weights, quantization
 # measured on ImageNet weights.
 DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_METHOD = "minmax"
+MIN_CALIBRATION_IMAGES = 32  # below it, a warning
 HELD_OUT_IMAGES = 1000  # scored when the data has no val images and --max-images is not given
 
 
@@ -32,6 +33,9 @@ def run(args):
     """quantize.py's steps: check the outputs, resolve the weights, choose the images, write, compare."""
     log = cli.logger(True)
     check_outputs(args)
+    if args.calibration_images < MIN_CALIBRATION_IMAGES:
+        log(f"warning: --calibration-images {args.calibration_images}: activation ranges set on so few images "
+            f"follow those images, not the data; {DEFAULT_CALIBRATION_IMAGES} is the measured default")
     resolved = resolve.weights(args.weights, flag="--weights", pretrained_dir=args.pretrained_dir,
                                num_classes=args.num_classes, width_mult=args.width_mult, use_ema=args.ema,
                                class_order=args.class_order,
@@ -61,7 +65,8 @@ def run(args):
     float_model = inference.OnnxRuntimeModel(model, pre["input_size"])
     int8_models = write_int8(model, calibration, scored, pre, args, metadata, result, log)
     result["calibration_images"] = calibration.used
-    result["accuracy"] = compare_accuracy(float_model, int8_models, scored, pre, args, scored_on, log)
+    result["accuracy"] = compare_accuracy(float_model, int8_models, scored, pre, args, scored_on, log,
+                                          model.config["num_classes"])
     if not args.no_speed and args.out is not None:
         result["speed"] = compare_speed(float_model, int8_models["INT8 ONNX"], args.batch_size, pre["input_size"],
                                         log)
@@ -81,6 +86,9 @@ def check_outputs(args):
     if onnx_weights.is_onnx_file(args.weights):
         raise UsageError(f"--weights {args.weights}: quantize.py takes PyTorch weights (it folds and corrects them "
                          "before quantizing); pass the checkpoint the ONNX file was exported from")
+    for flag, path in (("--out", args.out), ("--export-pte", args.export_pte), ("--json", args.json)):
+        if path is not None:
+            outputs.check_writable(path, flag)  # now, not after minutes of calibration and scoring
 
 
 def choose_images(args, resolved, log):
@@ -88,7 +96,7 @@ def choose_images(args, resolved, log):
     data in --data-dir: ImageNet's layouts, or a folder of classes (calibrated on the images a --val-split
     run did not hold out, scored on those it did)."""
     num_classes, meta, order = resolved.model.config["num_classes"], resolved.meta, resolved.class_order
-    if not image_folders.is_imagenet_layout(args.data_dir):
+    if not evaluation.is_imagenet_data(args.data_dir, order):
         deployed = evaluation.deployed_classes(args.data_dir, meta, order, num_classes)
         return (deployed, *folder_images(args.data_dir, meta, num_classes, order, args.calibration_images,
                                          args.max_images, args.seed, log))
@@ -228,7 +236,7 @@ def split_images(data_dir, classes, calibration_images, max_images, seed, log):
     return calibration, scored, scored_on
 
 
-def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, log):
+def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, log, num_classes=1000):
     """Top-1/top-5 of the float model and each INT8 one on the same images, and how often each INT8
     model's top-1 class is the float model's."""
     loader = build_loader(dataset, args.batch_size, EvalSampler(len(dataset)), num_workers=args.num_workers)
@@ -239,11 +247,15 @@ def compare_accuracy(float_model, int8_models, dataset, pre, args, scored_on, lo
         first[name] = [p["top5"][0] for p in stats.pop("predictions")]
         scores[name] = stats
     f = scores["float"]
-    log(f"on {f['images']} {scored_on} images: float top-1 {f['top1']:.3f}% top-5 {f['top5']:.3f}%")
+
+    def top5(stats):  # top-5 of 5 classes or fewer is 100% by definition: not reported
+        return f" top-5 {stats['top5']:.3f}%" if num_classes > 5 else ""
+
+    log(f"on {f['images']} {scored_on} images: float top-1 {f['top1']:.3f}%{top5(f)}")
     for name in int8_models:
         q = scores[name]
         q["top1_agreement"] = 100.0 * sum(a == b for a, b in zip(first["float"], first[name])) / max(1, f["images"])
-        log(f"  {name}: top-1 {q['top1']:.3f}% ({q['top1'] - f['top1']:+.3f} points) top-5 {q['top5']:.3f}%; "
+        log(f"  {name}: top-1 {q['top1']:.3f}% ({q['top1'] - f['top1']:+.3f} points){top5(q)}; "
             f"same top-1 class as float on {q['top1_agreement']:.2f}% of the images")
     if f["failed"]:
         log(f"warning: {f['failed']} images did not decode and were scored as misses by all")

@@ -383,7 +383,8 @@ class QuantizationAwareTraining:
         (`quantize_onnx`): the same folding and weight rounding as in training, so the file's weights are
         those training saw; activation ranges set (minmax) on `calibration_images` of `samples` read with
         the validation `preprocessing`; no bias correction (training has absorbed the rounding). The file
-        carries `classes` ({"order", "wnids", "names"}) and the preprocessing as quantize.py's does.
+        carries `classes` ({"order", "wnids", "names"}) and the preprocessing as quantize.py's does, with the
+        images a --val-split run held out.
         Returns quantize_onnx's report."""
         self.remove()
         pre = {key: preprocessing[key] for key in ("resize", "input_size", "interpolation", "mean", "std")}
@@ -395,7 +396,9 @@ class QuantizationAwareTraining:
                   "quantization_aware_training": {"freeze_bn_epochs": self.freeze_bn_epochs,
                                                   "freeze_observer_epochs": self.freeze_observer_epochs},
                   "activations": "uint8, one scale per tensor"}
-        metadata = export.deployment_metadata(classes, pre, dict(self.model.config), int8=recipe)
+        # the images a --val-split run held out travel with the file, so it is scored on them alone
+        deployed = dict(pre, val_split=preprocessing["val_split"]) if preprocessing.get("val_split") else pre
+        metadata = export.deployment_metadata(classes, deployed, dict(self.model.config), int8=recipe)
         model = copy.deepcopy(unwrap(self.model)).cpu().float().eval()
         return quantize_onnx(model, calibration, path, pre["input_size"], "minmax", bias_correction=False,
                              metadata=metadata)

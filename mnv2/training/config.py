@@ -17,8 +17,8 @@ DEMO_METHOD = ("lr", "lr_schedule", "warmup_epochs")
 
 def presets(args):
     """The defaults the command line selects, lowest first: the recipe's (--recipe), those of --qat, of --demo
-    (see DEMO_METHOD), of fine-tuning (--pretrained, --freeze-backbone) when no recipe is named, and last the
-    --config file's. Flags typed on the command line win over all of them (cli.Parser)."""
+    (see DEMO_METHOD), of fine-tuning (--pretrained, --freeze-backbone: all of them without a named recipe,
+    else the width from the file and the linear probe's), and last the --config file's. Flags typed on the command line win over all of them (cli.Parser)."""
     config = recipes.read_config(args.config) if getattr(args, "config", None) else {}
     name = args.recipe if args.recipe != "seed" else config.get("recipe", "seed")
     chosen = recipe_defaults(name)
@@ -27,8 +27,9 @@ def presets(args):
     if args.demo or config.get("demo"):
         demo = recipes.named("demo").flags
         chosen.update({k: v for k, v in demo.items() if name == "seed" or k not in DEMO_METHOD})
-    if name == "seed":
-        chosen.update(finetune.presets(args))
+        if name != "seed":  # beside the quick start's run, never over it
+            chosen["save_path"] = f"{demo['save_path']}-{name}"
+    chosen.update(finetune.presets(args, name))
     chosen.update(config)
     return chosen
 

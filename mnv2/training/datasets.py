@@ -119,6 +119,11 @@ def build_data(spec, context, log):
             f"{context.device.type}" + (" (nvjpeg)" if context.device.type == "cuda" else
                                         " (libjpeg in this process: a check of the GPU path, not a fast one)"))
     steps_per_epoch = sampler.num_samples // per_rank
+    left_out = sampler.num_samples - steps_per_epoch * per_rank
+    if left_out and steps_per_epoch:
+        log(f"note: each epoch leaves out {left_out} of {sampler.num_samples} training images per process (its last "
+            f"partial batch of {spec.batch_size // context.world_size}; a different one each epoch): a --batch-size "
+            "that divides the training images loses none")
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {spec.batch_size}: larger than the {len(train_set)} training images")
     val_loader = None

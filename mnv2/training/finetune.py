@@ -10,6 +10,7 @@ preprocessing comes along: a checkpoint's mean/std, or the published ones of a f
 augmentation its pooled features are computed once and the classifier trains on them (`use_cached_features`).
 """
 import copy
+import math
 import time
 from dataclasses import replace
 
@@ -18,19 +19,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mnv2 import checkpoint, resolve
-from mnv2.data.loaders import EvalSampler, build_loader
-from mnv2.data.transforms import normalize
+from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader
+from mnv2.data.transforms import eval_transform, normalize
 from mnv2.deploy import inference
 from mnv2.training import recipes
-from mnv2.weights import load_matching
+from mnv2.weights import batchnorm_folded, load_matching
 
 
-def presets(args):
+def presets(args, recipe="seed"):
     """The defaults --pretrained and --freeze-backbone select: recipes/finetune.yaml, and recipes/linear-probe.yaml
-    over it (cli.Parser's presets hook)."""
+    over it (cli.Parser's presets hook). Under a named recipe, whose method wins, --pretrained still takes the
+    width from its file, and a linear probe stays one (its lr, no augmentation, cached features)."""
     chosen = {}
     if getattr(args, "pretrained", None):
-        chosen.update(recipes.named("finetune").flags)
+        chosen.update(recipes.named("finetune").flags if recipe == "seed" else {"width_mult": None})
     if getattr(args, "freeze_backbone", False):
         chosen.update(recipes.named("linear-probe").flags)
     return chosen
@@ -56,6 +58,16 @@ def resolve_args(args, log=print):
         if args.width_mult is None:
             args.width_mult = found.config[1]
         pre = found.preprocessing
+        if args.pretrained and batchnorm_folded(found.data):
+            if getattr(args, "freeze_bn", None) is False:
+                log(f"warning: --pretrained {found.path}: its BatchNorm is folded into the convolutions (every "
+                    "running mean 0, variance 1); with --no-freeze-bn the first steps normalise by batch "
+                    "statistics these weights never saw, which changes what the network computes")
+            else:
+                args.freeze_bn = True
+                log(f"--pretrained {found.path}: its BatchNorm is folded into the convolutions (every running mean "
+                    "0, variance 1), so BatchNorm statistics stay frozen while fine-tuning (--no-freeze-bn "
+                    "re-estimates them from your batches)")
     else:
         pre, _ = resolve.resolve_preprocessing({}, None, overrides)
     if args.width_mult is None:
@@ -93,6 +105,33 @@ class FrozenFeatures(nn.Sequential):
 
     def train(self, mode=True):
         return super().train(False)
+
+
+class FrozenStatistics:
+    """Mixed into a BatchNorm class: the layer normalises with its running statistics and never updates them,
+    whatever mode the model around it is put in; its scale and shift still train."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+_FROZEN_CLASSES = {}
+
+
+def freeze_batchnorm(model, frozen, log=print):
+    """--freeze-bn: every BatchNorm of `model` in eval mode for good (statistics frozen, affine trained)."""
+    if not frozen:
+        return 0
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, FrozenStatistics)]
+    for layer in layers:
+        cls = type(layer)
+        if cls not in _FROZEN_CLASSES:
+            _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (FrozenStatistics, cls), {})
+        layer.__class__ = _FROZEN_CLASSES[cls]
+        layer.eval()
+    log(f"--freeze-bn: BatchNorm statistics of {len(layers)} layers frozen (their scale and shift train)")
+    return len(layers)
 
 
 def freeze_backbone(model, frozen, log=print):
@@ -184,3 +223,53 @@ def use_cached_features(learner, data, num_workers, distributed_wrap, log=print)
         "trains on them (--no-cache-features trains through the backbone every step)")
     learner = replace(learner, model=distributed_wrap(head), on_features=ClassifierOnFeatures)
     return learner, replace(data, train_loader=loaders["train"], val_loader=loaders["val"])
+
+
+# --------------------------------------------------------------------------------------------------
+# LP-FT: a linear probe first, then everything fine-tuned
+
+
+def probe_first(model, data, epochs, lr, seed, device, num_workers, log=print):
+    """Train `model`'s classifier alone for `epochs` epochs on cached backbone features of the training
+    images' centre crops, before every layer is fine-tuned: a fresh head's large early gradients would
+    otherwise distort the pretrained features (Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained
+    Features and Underperform Out-of-Distribution": linear probe, then fine-tune). Seeded by `seed` with a
+    generator of its own, so the run's later random draws are those it would have made without it.
+    Returns the probe's val top-1 (None without val images)."""
+    start = time.perf_counter()
+    pre = data.preprocessing
+    transform = eval_transform(pre["input_size"], pre["resize"], pre["interpolation"])
+    sets = {"train": data.train_loader.dataset, "val": data.val_loader.dataset if data.val_loader else None}
+    cached = {}
+    for name, dataset in sets.items():
+        if dataset is not None:
+            centre = ImageNetDataset(dataset.samples, transform, train=False)
+            cached[name] = backbone_features(model, centre, 64, num_workers, device, pre["mean"], pre["std"],
+                                             pre["input_size"])
+    features, targets, _ = cached["train"]
+    head = copy.deepcopy(model.classifier).to(device).train()
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
+    generator = torch.Generator().manual_seed(seed)
+    batch, steps = 32, max(1, len(targets) // 32)
+    for epoch in range(epochs):
+        order = torch.randperm(len(targets), generator=generator)
+        for step in range(steps):
+            rate = lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / (epochs * steps)))
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            rows = order[step * batch:(step + 1) * batch]
+            loss = nn.functional.cross_entropy(head(features[rows].to(device)), targets[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.classifier.load_state_dict(head.state_dict())
+    top1 = None
+    if "val" in cached:
+        val_features, val_targets, val_failed = cached["val"]
+        with torch.no_grad():
+            hits = (head.eval()(val_features.to(device)).argmax(1).cpu() == val_targets) & (val_failed == 0)
+        top1 = 100.0 * hits.sum().item() / max(1, len(val_targets))
+    log(f"LP-FT: the classifier first, {epochs} epochs on cached features of {len(targets)} centre crops "
+        f"(lr {lr:g}, {time.perf_counter() - start:.0f} s)" + (f": val top-1 {top1:.2f}%" if top1 is not None else "")
+        + "; then every layer (--lp-epochs 0 skips this)")
+    return top1

@@ -16,7 +16,9 @@ cover (not channels_last float32 on the CPU, evaluation, torch.compile, tracing)
 nn.BatchNorm2d and ReLU6, with the same parameter names.
 """
 import functools
+import hashlib
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +29,20 @@ from MobileNetV2 import ReLU6
 SOURCE = Path(__file__).with_name("fused_batchnorm.cpp")
 
 
+# Portable code (no -march=native): the build cache may be shared by machines of several kinds.
+# No contraction into fused multiply-adds, so both passes compute the same ReLU6 mask.
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+
+
+def kernel_name():
+    """The extension's name, and so its build folder: keyed by the source, the flags, torch's version and
+    this Python environment, so that two checkouts or venvs on one machine never take turns rebuilding
+    one folder (torch keys the folder by name alone and rebuilds whenever its sources change)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                         + sys.prefix.encode()).hexdigest()[:12]
+    return f"mobilenetv2_fused_batchnorm_{key}"
+
+
 @functools.lru_cache(maxsize=None)
 def load_kernel():
     """The compiled kernel module, built on first use. Raises RuntimeError saying why it is unavailable."""
@@ -35,11 +51,8 @@ def load_kernel():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils import cpp_extension
 
-        # Portable code (no -march=native): the build cache may be shared by machines of several kinds.
-        # No contraction into fused multiply-adds, so both passes compute the same ReLU6 mask.
-        return cpp_extension.load("mobilenetv2_fused_batchnorm", [str(SOURCE)],
-                                  extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        return cpp_extension.load(kernel_name(), [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                  verbose=False)
     except Exception as e:  # no compiler, no ninja, unwritable cache, unsupported platform ...
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line),

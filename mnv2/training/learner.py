@@ -1,6 +1,7 @@
 """The learner: the model with its optimizer, schedule, scaler, EMA and criterion, built from the flags, and
 the device-level choices made once (mixed precision, the fused CPU BatchNorm kernel, the sync-free step).
 """
+import math
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,19 @@ class Learner:
     on_features: object = None  # model -> its part that runs on cached backbone features (frozen backbone)
 
 
+def check_batchnorm_batch(args, per_rank, world_size):
+    """Refuse at start-up what BatchNorm cannot train on: one image per forward pass at a crop whose last
+    feature maps are 1x1 (32 px or less) leaves it one value per channel to normalise."""
+    per_pass = per_rank // args.accum_steps
+    crop = args.train_crop_size if args.augment else args.val_crop_size
+    if per_pass > 1 or math.ceil(crop / 32) > 1 or args.freeze_backbone or args.freeze_bn:
+        return
+    raise UsageError(f"--batch-size {args.batch_size} over {world_size} process(es) x --accum-steps {args.accum_steps} "
+                     f"puts 1 image through BatchNorm at a time, and at a {crop} px crop its last layers then see one "
+                     "value per channel: give each pass 2 images or more (--batch-size, --accum-steps), a crop over "
+                     "32 px, or --freeze-bn")
+
+
 def build_learner(model, args, start, context, log):
     """Put the model on its device with its wrappers; build the optimizer, schedule, scaler and EMA, and
     restore their state from the checkpoint being resumed."""
@@ -71,6 +85,7 @@ def build_learner(model, args, start, context, log):
     if device.type == "cpu" and args.channels_last and args.fused_bn:
         use_fused_batchnorm(model, log)
     finetune.freeze_backbone(model, args.freeze_backbone, log)
+    finetune.freeze_batchnorm(model, args.freeze_bn and not args.freeze_backbone, log)
     ema = None
     if args.model_ema:
         decay = optimization.ema_decay(args.model_ema_decay, args.model_ema_steps, args.batch_size, args.num_epochs,

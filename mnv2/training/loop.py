@@ -102,29 +102,33 @@ class StopFlag:
 
 
 class Progress:
-    """A tqdm bar per epoch on a terminal; plain lines every `print_freq` steps otherwise; silent off rank 0."""
+    """A tqdm bar per epoch on a terminal; plain lines every `print_freq` steps otherwise; silent off rank 0.
+    Images/s is the mean since the epoch started (not one step's), and the ETA is the whole run's:
+    `later_steps` are the steps of the epochs after this one."""
 
-    def __init__(self, enabled, total, initial, desc, print_freq):
+    def __init__(self, enabled, total, initial, desc, print_freq, later_steps=0):
         self.enabled, self.total, self.desc, self.print_freq = enabled, total, desc, print_freq
-        self.start, self.initial = time.perf_counter(), initial
+        self.start, self.initial, self.later_steps = time.perf_counter(), initial, later_steps
+        self.images = self.seconds = 0.0
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
 
-    def update(self, step, loss, top1, lr, images_per_s):
+    def update(self, step, loss, top1, lr, images, seconds):
         if not self.enabled:
             return
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        done = step - self.initial
+        eta = self.seconds / done * (self.total - step + self.later_steps) if done else float("nan")
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} top1 {top1:.2f} lr {lr:.5f} img/s {images_per_s:.0f}",
-                                     refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f} top1 {top1:.2f} lr {lr:.5f} img/s {rate:.0f} "
+                                     f"run eta {_hms(eta)}", refresh=False)
             self.bar.update(1)
         elif step % self.print_freq == 0 or step == self.total:
-            elapsed = time.perf_counter() - self.start
-            done = step - self.initial
-            eta = elapsed / done * (self.total - step) if done else float("nan")
             print(f"{self.desc} step {step}/{self.total} loss {loss:.4f} top1 {top1:.2f} lr {lr:.5f} "
-                  f"img/s {images_per_s:.0f} eta {_hms(eta)}", flush=True)
+                  f"img/s {rate:.0f} eta {_hms(eta)}", flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -247,7 +251,7 @@ def train_one_epoch(learner, loader, epoch, steps_per_epoch, context, *, start_s
                 log(f"torch.compile: the first step took {seconds:.1f} s, compilation included")
                 learner.compiled = False
             if progress is not None:
-                progress.update(run.step, run.meter.loss, run.meter.top1, lr, count / seconds if seconds > 0 else 0.0)
+                progress.update(run.step, run.meter.loss, run.meter.top1, lr, count, seconds)
             if on_step is not None:
                 on_step(epoch, run.step, indices)
             if stop_votes:
@@ -380,6 +384,7 @@ def epoch_record(epoch, lr, meter, val):
 def epoch_line(record, num_epochs):
     return (f"epoch {record['epoch']}/{num_epochs} lr {record['lr']:.6f} train loss {record['train_loss']:.4f} "
             f"top1 {record['train_top1']:.2f} | val loss {record['val_loss']:.4f} top1 {record['val_top1']:.2f} "
-            f"top5 {record['val_top5']:.2f} mean/class {record['val_mean_class_top1']:.2f}"
+            + (f"top5 {record['val_top5']:.2f} " if record["val_top5"] is not None else "")
+            + f"mean/class {record['val_mean_class_top1']:.2f}"
             + (f" | ema top1 {record['ema_val_top1']:.2f}" if record["ema_val_top1"] is not None else "")
             + f" | {record['images_per_s']:.0f} img/s, {record['seconds']:.0f} s")

@@ -19,7 +19,7 @@ from mnv2.deploy import quantization
 from mnv2.training import finetune
 from mnv2.training.config import recipe_lines
 from mnv2.training.datasets import DataSpec, build_data
-from mnv2.training.learner import build_learner, probe_on_cached_features
+from mnv2.training.learner import build_learner, check_batchnorm_batch, probe_on_cached_features
 from mnv2.training.loop import (EpochMeter, Preempted, Progress, StopFlag, epoch_line, epoch_record, epoch_seed,
                                 train_one_epoch, validate)
 from mnv2.training.state import (check_compatible, find_resume, load_state_checked, own_output_directory, restore,
@@ -81,6 +81,7 @@ def train(args, context, stop, run_dir, on_step=None, args_yaml=None):
     path, saved = find_resume(args.resume, save_path, context, log)
     run_id = own_output_directory(run_dir, path, saved, args.start_over or args.demo, context, log)
     data = build_data(DataSpec.from_args(args, saved), context, log)
+    check_batchnorm_batch(args, data.batch_per_rank, context.world_size)
 
     model, start, qat = build_model(args, data, path, saved, context, log)
     del saved
@@ -102,7 +103,7 @@ def train(args, context, stop, run_dir, on_step=None, args_yaml=None):
             if epoch in (args.qat_bn_epochs, args.qat_observer_epochs):
                 log(f"QAT epoch {epoch + 1}: frozen {' and '.join(frozen)}")
         progress = Progress(context.is_main, data.steps_per_epoch, step, f"epoch {epoch + 1}/{args.num_epochs}",
-                            args.print_freq)
+                            args.print_freq, later_steps=(args.num_epochs - epoch - 1) * data.steps_per_epoch)
         try:
             meter, step, stopped = train_one_epoch(learner, data.train_loader, epoch, data.steps_per_epoch, context,
                                                    start_step=step, meter=meter, stop=stop, progress=progress,
@@ -142,6 +143,8 @@ def end_epoch(learner, data, epoch, meter, best_acc1, metrics, run_id, args, sto
     lr = learner.schedule(epoch, data.steps_per_epoch - 1, data.steps_per_epoch)
     val, confusion = validate(learner, data.val_loader, context.is_main and sys.stderr.isatty())
     record = epoch_record(epoch + 1, lr, meter, val)
+    if data.num_classes <= 5:  # top-5 of 5 classes or fewer is 100% by definition: not reported
+        record["val_top5"] = record["ema_val_top5"] = None
     metrics.append(record)
     is_best = data.val_loader is not None and record["val_top1"] > best_acc1
     if is_best:
@@ -165,6 +168,9 @@ def build_model(args, data, path, saved, context, log):
     model = MobileNetV2(num_classes=data.num_classes, width_mult=args.width_mult, dropout=args.dropout,
                         drop_path=args.drop_path)
     finetune.start_from(model, args.pretrained if path is None else None, data.classes, log)
+    if path is None and args.pretrained and args.lp_epochs and not args.freeze_backbone:
+        finetune.probe_first(model, data, args.lp_epochs, args.lp_lr, args.seed, context.device, args.num_workers,
+                             log)
     check_compatible(path, saved, data, data.num_classes, args.width_mult, args.model_ema, log)
     start = restore(model, path, saved, args.start_epoch, data.num_classes, args.width_mult, args.batch_size,
                     data.train_images, context, log)
@@ -230,7 +236,8 @@ def log_tensorboard(tensorboard, record):
     if tensorboard is None:
         return
     for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s"):
-        tensorboard.add_scalar(key, record[key], record["epoch"])
+        if record[key] is not None:
+            tensorboard.add_scalar(key, record[key], record["epoch"])
     tensorboard.flush()
 
 

@@ -129,11 +129,29 @@ def own_output_directory(run_dir, resume_path, resumed, start_over, context, log
     return distributed.broadcast_object(run_id, context)
 
 
+def check_folder_classes(path, saved, data):
+    """A run on class folders resumes on the same folders: say which were added or are gone, and the ways on."""
+    before = (saved.get("classes") or {})
+    if before.get("order") != image_folders.FOLDER_ORDER or before.get("names") is None:
+        return
+    names, now = list(before["names"]), list(data.classes.names)
+    if names == now:
+        return
+    added = [image_folders.display_name(n) for n in now if n not in names]
+    gone = [image_folders.display_name(n) for n in names if n not in now]
+    change = "; ".join(part for part in (added and f"new: {', '.join(added)}", gone and f"gone: {', '.join(gone)}")
+                       if part) or "the same names in another order"
+    raise UsageError(f"{path} was trained on {len(names)} class folders and --data-dir has {len(now)} now ({change}): "
+                     "to continue this run, put the folders back as they were; to train on the folders as they are, "
+                     f"start a new run from it: --pretrained {path} with another --save-path")
+
+
 def check_compatible(path, saved, data, num_classes, width_mult, model_ema, log):
     """Refuse a resume that would change what the checkpoint's numbers mean: another model, other classes or
     class order, other preprocessing, or its EMA dropped. Weights alone carry none of this and are not checked."""
     if not checkpoint.is_checkpoint(saved):
         return
+    check_folder_classes(path, saved, data)
     check_config(saved, num_classes, width_mult, path)
     classes = saved.get("classes") or {}
     if classes.get("wnids") is not None and list(classes["wnids"]) != list(data.classes.wnids):
