@@ -49,7 +49,7 @@ def make_learner(device, compile_mode=None, size=224, width=1.0):
     wrapped = model if compile_mode is None else torch.compile(
         model, mode=None if compile_mode == "default" else compile_mode)
     return learner.Learner(wrapped, model, optimization.build_criterion(), optimizer, optimization.LRSchedule(0.045, 1),
-                         device, None, amp, True, None, 3, 1, None, None, guard, 10, keeper)
+                         device, amp_dtype=amp, channels_last=True, guard=guard, read_every=10, buffers=keeper)
 
 
 def synchronize(device):

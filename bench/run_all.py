@@ -355,6 +355,11 @@ def run_suite(args, log=print):
         note = (f"batch {s['train_batch']} x {s['train_size']} px, train_one_epoch (channels_last, fused BatchNorm) "
                 "vs fp32 NCHW eager")
         rows.update({name: dict(r, note=note) for name, r in train_rows.items()})
+        # bf16 autocast on the CPU (train.py --amp): beside fp32, against the same fp32 reference
+        bf16_rows = section("train", lambda: bench_train.run(s["train_batch"], s["train_size"], s["train_steps"],
+                                                             s["train_rounds"], amp=True, log=log)) or {}
+        rows.update({name: dict(r, note=f"batch {s['train_batch']} x {s['train_size']} px, --amp (bf16 autocast) "
+                                          "vs fp32 NCHW eager") for name, r in bf16_rows.items()})
         parity("eval", section("eval", lambda: eval_rows_cpu(s)))
     else:
         train_rows = section("train", lambda: bench_train.run(s["gpu_batch"], 224, s["gpu_steps"], s["gpu_rounds"],

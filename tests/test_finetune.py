@@ -448,3 +448,30 @@ def test_a_two_class_run_reports_no_top5_names_its_predictions_and_samples_every
         rows = list(csv.DictReader(f))
     assert sorted(row["target_name"] for row in rows) == ["drei", "sept"]  # one of each class, by name
     assert all(row["name1"] in ("drei", "sept") for row in rows)
+
+
+def test_pretrained_selects_lp_ft_with_frozen_batchnorm_and_each_part_has_a_flag(source, photos):
+    args = config.check_args(train_args(photos, "out", "--pretrained", source, "--val-split", "0.2"))
+    assert (args.lp_epochs, args.lp_lr, args.num_epochs, args.lr, args.freeze_bn, args.clip_grad_norm) == \
+        (10, 0.01, 5, 0.002, True, 10.0)
+    args = config.check_args(train_args(photos, "out", "--pretrained", source, "--val-split", "0.2",
+                                        "--lp-epochs", "0", "--no-freeze-bn", "--lr", "0.01"))
+    assert (args.lp_epochs, args.freeze_bn, args.lr) == (0, False, 0.01)
+    assert config.check_args(train_args(photos, "out", "--val-split", "0.2")).lp_epochs == 0  # from scratch: none
+
+
+@pytest.mark.slow
+def test_lp_ft_trains_the_head_first_says_so_and_resumes_bit_exactly(source, photos, tmp_path, capsys):
+    flags = ["--pretrained", source, "--val-split", "0.25", "--batch-size", "16", "--lp-epochs", "3"]
+    capsys.readouterr()
+    straight = finetune_run(photos, tmp_path / "straight", *flags, "--num-epochs", "2")
+    assert "LP-FT: the classifier first, 3 epochs on cached features of 120 centre crops" in capsys.readouterr().out
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "epoch_1.pth", tmp_path / "resumed" / "epoch_1.pth")
+    resumed = finetune_run(photos, tmp_path / "resumed", *flags, "--num-epochs", "2", "--resume",
+                           tmp_path / "resumed" / "epoch_1.pth")
+    assert "LP-FT" not in capsys.readouterr().out  # a resumed run does not probe again
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    plain = finetune_run(photos, tmp_path / "plain", *flags[:-2], "--lp-epochs", "0", "--num-epochs", "2")
+    assert not torch.equal(plain["model"]["classifier.1.weight"], straight["model"]["classifier.1.weight"])

@@ -30,7 +30,7 @@ class Data:
         return len(self.classes.wnids)
 
 
-@dataclass
+@dataclass(kw_only=True)  # 21 fields: built by keyword, so no swapped pair passes silently
 class DataSpec:
     """What `build_data` builds: the data, its sizes and augmentation, the batch and how it is sampled.
     `after_crop` (augment.after_crop) runs after the crop in the loader processes; `ra_reps` > 0 samples
@@ -63,15 +63,18 @@ class DataSpec:
     @classmethod
     def from_args(cls, args, saved):
         """As the command line asks; `saved`: the checkpoint being resumed (its held-out files)."""
-        return cls(args.data_dir, args.class_order, args.num_classes, args.train_crop_size, args.val_crop_size,
-                   args.val_resize_size, args.interpolation, args.crop_scale_min, args.hflip, args.batch_size,
-                   args.num_workers, args.seed,
-                   augment.after_crop(args.auto_augment, args.random_erase, args.interpolation, args.ra_magnitude,
-                                      args.augmix_severity),
-                   args.ra_reps if args.ra_sampler else 0, args.accum_steps,
-                   "cpu" if caches_features(args) else args.data_backend,  # images are read once then
-                   args.val_split, (checkpoint.meta(saved).get("data") or {}).get("val_split"), args.augment,
-                   tuple(args.mean), tuple(args.std))
+        return cls(data_dir=args.data_dir, class_order=args.class_order, num_classes=args.num_classes,
+                   train_crop_size=args.train_crop_size, val_crop_size=args.val_crop_size,
+                   val_resize_size=args.val_resize_size, interpolation=args.interpolation,
+                   crop_scale_min=args.crop_scale_min, hflip=args.hflip, batch_size=args.batch_size,
+                   num_workers=args.num_workers, seed=args.seed,
+                   after_crop=augment.after_crop(args.auto_augment, args.random_erase, args.interpolation,
+                                                 args.ra_magnitude, args.augmix_severity),
+                   ra_reps=args.ra_reps if args.ra_sampler else 0, accum_steps=args.accum_steps,
+                   backend="cpu" if caches_features(args) else args.data_backend,  # images are read once then
+                   val_split=args.val_split,
+                   recorded_split=(checkpoint.meta(saved).get("data") or {}).get("val_split"),
+                   train_augment=args.augment, mean=tuple(args.mean), std=tuple(args.std))
 
 
 def build_data(spec, context, log):
@@ -119,11 +122,7 @@ def build_data(spec, context, log):
             f"{context.device.type}" + (" (nvjpeg)" if context.device.type == "cuda" else
                                         " (libjpeg in this process: a check of the GPU path, not a fast one)"))
     steps_per_epoch = sampler.num_samples // per_rank
-    left_out = sampler.num_samples - steps_per_epoch * per_rank
-    if left_out and steps_per_epoch:
-        log(f"note: each epoch leaves out {left_out} of {sampler.num_samples} training images per process (its last "
-            f"partial batch of {spec.batch_size // context.world_size}; a different one each epoch): a --batch-size "
-            "that divides the training images loses none")
+    _note_left_out(sampler.num_samples, per_rank, log)
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {spec.batch_size}: larger than the {len(train_set)} training images")
     val_loader = None
@@ -158,3 +157,13 @@ def on_device(dataset, loader, size, device, fallback=None):
                        num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=False,
                        drop_last=loader.drop_last, collate_fn=gpu_data.collate)
     return gpu_data.DeviceLoader(raw, gpu_data.Decoder(size, device, fallback))
+
+
+def _note_left_out(images, per_rank, log):
+    """Say how many images each epoch's last partial batch leaves out (drop_last keeps every step's batch whole,
+    for BatchNorm and for the processes' equal steps)."""
+    left_out = images % per_rank
+    if left_out and images >= per_rank:
+        log(f"note: each epoch leaves out {left_out} of {images} training images per process (its last partial "
+            f"batch of {per_rank}; a different one each epoch): a --batch-size that divides the training images "
+            "loses none")

@@ -3,7 +3,7 @@ the device-level choices made once (mixed precision, the fused CPU BatchNorm ker
 """
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     schedule: optimization.LRSchedule
     device: torch.device
+    _: KW_ONLY                  # the rest by keyword only: no swapped pair of them passes silently
     scaler: object = None       # torch.amp.GradScaler for float16
     amp_dtype: torch.dtype = None
     channels_last: bool = True
@@ -129,10 +130,12 @@ def build_learner(model, args, start, context, log):
     mix = None
     if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
         mix = augment.MixupCutmix(args.mixup_alpha, args.cutmix_alpha, raw.config["num_classes"])
-    return Learner(model, raw, optimization.build_criterion(args.label_smoothing), optimizer, schedule, device,
-                   scaler, amp_dtype, args.channels_last, ema, args.max_nonfinite, args.accum_steps,
-                   args.clip_grad_norm, mix, guard, args.print_freq, buffers, args.compile,
-                   tuple(args.mean), tuple(args.std))
+    return Learner(model=model, raw=raw, criterion=optimization.build_criterion(args.label_smoothing),
+                   optimizer=optimizer, schedule=schedule, device=device, scaler=scaler, amp_dtype=amp_dtype,
+                   channels_last=args.channels_last, ema=ema, max_nonfinite=args.max_nonfinite,
+                   accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm, mix=mix, guard=guard,
+                   read_every=args.print_freq, buffers=buffers, compiled=args.compile, mean=tuple(args.mean),
+                   std=tuple(args.std))
 
 
 def use_sync_free(asked, device, opt, scaler):
