@@ -131,10 +131,12 @@ def test_pretrained_loads_every_tensor_that_fits_and_starts_the_classifier_afres
     assert all(torch.equal(model[k], file[k]) for k in model if not k.startswith("classifier."))
     assert model["classifier.1.weight"].shape == (10, 1280) and model["classifier.1.weight"].abs().sum() > 0
     assert "training the classifier only (12,810 parameters)" in printed
-    # without --freeze-backbone everything trains
+    # without --freeze-backbone every weight trains; BatchNorm statistics stay the file's unless --no-freeze-bn
     full = finetune_run(photos, tmp_path / "full", "--pretrained", source, "--num-epochs", "1")
     assert not torch.equal(full["model"]["features.0.0.weight"], file["features.0.0.weight"])
-    assert not torch.equal(full["model"]["features.0.1.running_mean"], file["features.0.1.running_mean"])
+    assert torch.equal(full["model"]["features.0.1.running_mean"], file["features.0.1.running_mean"])
+    free = finetune_run(photos, tmp_path / "free", "--pretrained", source, "--num-epochs", "1", "--no-freeze-bn")
+    assert not torch.equal(free["model"]["features.0.1.running_mean"], file["features.0.1.running_mean"])
 
 
 @pytest.mark.slow
@@ -162,7 +164,8 @@ def test_the_pretrained_recipe_is_a_set_of_defaults_that_flags_override():
     assert (plain.num_epochs, plain.lr, plain.lr_schedule, plain.augment) == (400, 0.045, "exponential", True)
     tuned = train.get_args_parser().parse_args(["--pretrained", "x.pth"])
     assert (tuned.num_epochs, tuned.lr, tuned.lr_schedule, tuned.warmup_epochs, tuned.batch_size) == \
-        (10, 0.01, "cosine", 1.0, 32)
+        (5, 0.002, "cosine", 0.5, 32)
+    assert (tuned.lp_epochs, tuned.freeze_bn, tuned.clip_grad_norm) == (10, True, 10.0)  # LP-FT
     assert tuned.width_mult is None and tuned.augment  # the width comes from the file
     probe = train.get_args_parser().parse_args(["--pretrained", "x.pth", "--freeze-backbone"])
     assert (probe.lr, probe.augment, probe.num_epochs) == (0.1, False, 10)
