@@ -6,7 +6,6 @@ Fixtures that build data live in conftest.py and use these; test modules import 
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,10 @@ import scipy.io
 import torch
 from PIL import Image
 
+from mnv2 import distributed
 from MobileNetV2 import STAGES
+
+free_port = distributed.free_port  # for the tests' own rendezvous
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -288,16 +290,9 @@ class NanAt:
         return loss * float("nan") if self.n in self.calls else loss
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on now: for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script, *args, nproc=2, timeout=240):
     """`torchrun --nproc_per_node=nproc script args...` on 127.0.0.1, one thread per process, the repo importable."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), *map(str, args)]
+           f"--master_port={distributed.free_port()}", str(script), *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
