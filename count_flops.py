@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from mnv2 import cli
+from mnv2 import cli, resolve
 from mnv2.checkpoint import WeightsError, meta, read_weights
 from mnv2.flops import GRID_SIZES, GRID_WIDTHS, count_parameters, exact_macs, format_grid, format_report, measure
 from mnv2.weights import load_model
@@ -40,11 +40,13 @@ def get_args_parser():
 def load_counted_model(parser, args):
     """(the model in --weights, the input size its checkpoint records or None). A missing file, or a flag the
     file contradicts, is a usage error (exit 2); a file that cannot be used is exit 1. Either way one line."""
-    if not Path(args.weights).is_file():
+    if not (Path(args.weights).exists() or args.weights.startswith(resolve.HF_HUB_PREFIX)):
         parser.error(f"argument --weights: no such file: {args.weights}")
     try:
-        data = read_weights(args.weights)
+        data = read_weights(resolve.locate(args.weights, "--weights"))
         model = load_model(data)
+    except cli.UsageError as e:
+        sys.exit(cli.report(e, parser.prog))
     except WeightsError as e:
         message = str(e) if str(e).startswith(args.weights) else f"{args.weights}: {e}"
         sys.exit(cli.report(WeightsError(message), parser.prog))

@@ -10,18 +10,25 @@ and `--weights torchvision-v2` fetch torchvision's files into pretrained/ (see p
     python evaluate.py --weights torchvision-v2 cat.jpg photos/          # top-5 classes per image
     python evaluate.py --weights ckpt.pth --export-onnx mobilenet_v2.onnx  # checked against PyTorch
     python evaluate.py --weights mobilenet_v2.int8.onnx --data-dir /data/imagenet  # quantize.py's file
+    python evaluate.py --weights output/best.pth --export-hub hub/my-model   # timm / Hugging Face Hub folder
+    python evaluate.py --weights hub/my-model --data-dir photos/   # or model.safetensors, or hf-hub:ORG/NAME
+    python evaluate.py --weights torchvision-v2 --data-dir /data/imagenet-r          # recognised: 200 classes
+    python evaluate.py --weights torchvision-v2 --sets /data --table robustness.md   # every set found
     torchrun --nproc-per-node 8 evaluate.py --weights ckpt.pth --data-dir /data/imagenet
 
 Every validation image is counted exactly once, also across processes; a file that does not decode is
 scored as a miss and reported, never dropped.
 """
+import argparse
 import os
 import sys
 from pathlib import Path
 
 from mnv2 import cli
+from mnv2.deploy import export
+from mnv2.data.robust import SETS
 from mnv2.data.transforms import INTERPOLATIONS
-from mnv2.evaluation import run
+from mnv2.evaluation import REAL_FROM_TIMM, run
 from mnv2.weights import DOWNLOADABLE, PRETRAINED_DIR
 
 
@@ -53,6 +60,19 @@ def get_args_parser(add_help=True):
                       help="label order of weights that do not record one (default sorted WNIDs, as "
                            "torchvision; the seed repo trained with devkit order). A checkpoint's own "
                            "order wins")
+    data.add_argument("--dataset", choices=SETS, default=None,
+                      help="which evaluation set --data-dir holds, where its layout does not say (a partial copy): "
+                           "ImageNet-V2's folders 0..999 are read as class numbers, ImageNet-A/-R score their "
+                           "200 classes only (default: recognised from the layout)")
+    data.add_argument("--real-labels", type=Path, nargs="?", const=REAL_FROM_TIMM, default=None, metavar="FILE",
+                      help="also score ImageNet val against ReaL's labels (real.json; without FILE, the copy "
+                           "timm ships): any of the top-k in an image's label set counts; unlabelled images "
+                           "are skipped")
+    data.add_argument("--sets", type=Path, default=None, metavar="ROOT",
+                      help="score every evaluation set found in ROOT and its subfolders (ImageNet val + ReaL, "
+                           "-V2, -A, -R, -Sketch) and write the table to --table")
+    data.add_argument("--table", type=Path, default=None, metavar="FILE.md",
+                      help="with --sets: the table as markdown here and as CSV beside it (FILE.csv)")
     data.add_argument("--max-images", type=cli.positive_int, default=None,
                       help="score only the first N val images (in file-name order)")
     data.add_argument("--device", type=cli.device, default=None, help="default: cuda when available, else cpu")
@@ -90,11 +110,22 @@ def get_args_parser(add_help=True):
 
     exp = p.add_argument_group("export (dynamic batch size, checked against PyTorch)")
     exp.add_argument("--export-onnx", type=Path, default=None, help="write an ONNX model here")
-    exp.add_argument("--export-torchscript", type=Path, default=None, help="write a TorchScript model here")
+    exp.add_argument("--onnx-exporter", choices=export.ONNX_EXPORTERS, default="dynamo",
+                     help="PyTorch's exporter for --export-onnx: dynamo (torch.export-based, opset >= 18) or "
+                          "torchscript (deprecated by PyTorch; for runtimes that need opset <= 17)")
+    exp.add_argument("--export-pt2", type=Path, default=None,
+                     help="write a torch.export program here (torch.export.load(FILE).module() runs it; "
+                          "AOTInductor compiles it)")
+    exp.add_argument("--export-torchscript", type=Path, default=None, help=argparse.SUPPRESS)
+    exp.add_argument("--export-hub", type=Path, default=None, metavar="DIR",
+                     help="write a timm / Hugging Face Hub folder here (model.safetensors in timm's layout, "
+                          "config.json with the class names and preprocessing, README.md model card); "
+                          "timm.create_model('local-dir:DIR') loads it")
     exp.add_argument("--export-pte", type=Path, default=None,
                      help="write an ExecuTorch program for phones here (XNNPACK, float32, one image per call; "
                           "needs pip install executorch; INT8: quantize.py --export-pte)")
-    exp.add_argument("--opset", type=cli.positive_int, default=17, help="ONNX opset")
+    exp.add_argument("--opset", type=cli.positive_int, default=None,
+                     help="ONNX opset (default: 18 with the dynamo exporter, 17 with torchscript)")
     exp.add_argument("--export-tolerance", type=cli.positive_float, default=1e-4,
                      help="largest |logit difference| the exported model may show")
     return p

@@ -156,6 +156,19 @@ def get_args_parser(add_help=True):
                      help="epochs after which activation ranges are frozen (torchvision: 4)")
     qat.add_argument("--calibration-images", type=cli.positive_int, default=512,
                      help="training images the INT8 file's activation ranges are set on (as quantize.py)")
+    kd = p.add_argument_group("knowledge distillation: a teacher run beside the student")
+    kd.add_argument("--teacher", default=None, metavar="SPEC",
+                    help="the teacher: torchvision:NAME[.WEIGHTS] (e.g. torchvision:resnet50.IMAGENET1K_V2), "
+                         "timm:NAME, or any weights / ONNX file evaluate.py reads; it sees the student's exact "
+                         "(augmented, mixed) pixels in its own normalisation, in eval mode, without gradients")
+    kd.add_argument("--distill-loss", choices=("kd", "dist"), default="kd",
+                    help="kd: T^2 KL(teacher || student) (Hinton et al. 2015); dist: DIST's inter- and "
+                         "intra-class Pearson relations (Huang et al. 2022)")
+    kd.add_argument("--distill-temperature", type=cli.positive_float, default=1.0, help="softmax temperature T")
+    kd.add_argument("--distill-alpha", type=cli.non_negative_float, default=1.0,
+                    help="weight of the label loss; the distillation term has weight 1")
+    kd.add_argument("--distill-beta", type=cli.non_negative_float, default=1.0, help="DIST's inter-class weight")
+    kd.add_argument("--distill-gamma", type=cli.non_negative_float, default=1.0, help="DIST's intra-class weight")
     add_recipe_arguments(p)
 
     tl = p.add_argument_group("fine-tuning on your own images (finetune.py, image_folders.py)")

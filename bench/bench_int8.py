@@ -1,7 +1,9 @@
-"""INT8 in onnxruntime: its speed against the float model in onnxruntime, and which quantization recipe
-keeps the accuracy.
+"""INT8 in onnxruntime: its speed against the float model in onnxruntime, which quantization recipe keeps
+the accuracy, and the other CPU INT8 path (torchao's PT2E with X86InductorQuantizer, torch.compile'd)
+against the onnxruntime INT8 file.
 
     python bench/bench_int8.py                                   # speed: width 1.0, 224 px, random weights
+    python bench/bench_int8.py --pt2e                            # PT2E + inductor INT8 vs onnxruntime INT8
     python bench/bench_int8.py --weights best.pth --data-dir D   # recipes: calibration methods, bias
                                                                  # correction, calibration image counts
 
@@ -10,6 +12,11 @@ written by quantization.quantize_onnx, each in its own onnxruntime session with 
 turn on the same batch (batch 32 for images/s, batch 1 for latency), each timed run after 0.1 s of
 untimed runs of the same model; medians of the alternating repeats.
 Weights do not change the speed, so random ones calibrated on random inputs stand in for real ones.
+
+PT2E: the same folded model quantized by torchao's prepare_pt2e / convert_pt2e with X86InductorQuantizer's
+default recipe (int8 weights per output channel, uint8 activations per tensor), calibrated on the same
+images as the onnxruntime file, then compiled by torch.compile with inductor's freezing (one compile per
+batch size, timed separately); both INT8 models timed alternately on the same batches.
 
 Recipes: each is quantized from the same weights and calibration draw (train images, seeded) and scored
 on the val images against the float model: top-1, top-1 agreement with the float model and the
@@ -34,7 +41,7 @@ from mnv2 import checkpoint  # noqa: E402
 from mnv2.data.imagenet import find_layout, list_samples, read_classes  # noqa: E402
 from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader  # noqa: E402
 from mnv2.data.transforms import eval_transform, normalize  # noqa: E402
-from mnv2.deploy import inference  # noqa: E402
+from mnv2.deploy import export, inference  # noqa: E402
 from mnv2.deploy import quantization  # noqa: E402
 from mnv2.deploy import onnx_weights
 from mnv2.weights import load_model  # noqa: E402
@@ -63,6 +70,64 @@ def speed(batch_size=32, image_size=224, repeats=5, latency_runs=20, width_mult=
         else:
             ours, reference = 1000 * seconds["ours"], 1000 * seconds["reference"]
             result[key] = {"ours": ours, "reference": reference, "ratio": reference / ours, "unit": "ms"}
+    return result
+
+
+def pt2e_speed(batch_size=32, image_size=224, repeats=5, latency_runs=20, width_mult=1.0, log=print):
+    """PT2E + X86InductorQuantizer + torch.compile ("ours") against the onnxruntime INT8 file ("reference"),
+    at `batch_size` and batch 1: {"throughput", "latency", "compile_seconds", "max_logit_diff"}."""
+    import logging
+
+    import torch._inductor.config as inductor_config
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time note
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model = random_model(width_mult)
+    deploy = random_model(width_mult)
+    inference.fold_batchnorm(deploy)
+    calibration = [export.parity_input(image_size, 8, seed=s) for s in (2, 3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.int8.onnx"
+        quantization.quantize_onnx(model, calibration, path, image_size, bias_correction=False)
+        onnx_int8 = onnx_weights.OnnxFileModel(path)
+    start = time.perf_counter()
+    with torch.no_grad():
+        graph = torch.export.export(deploy, (calibration[0],)).module()
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(graph, quantizer)
+        for x in calibration:
+            prepared(x)
+        converted = convert_pt2e(prepared)
+    quantize_seconds = time.perf_counter() - start
+    freezing, inductor_config.freezing = inductor_config.freezing, True
+    try:
+        compiled = torch.compile(converted, dynamic=False)
+        result = {"threads": torch.get_num_threads(), "batch_size": batch_size, "image_size": image_size,
+                  "quantize_seconds": quantize_seconds, "compile_seconds": {}}
+        for key, batch, runs in (("throughput", batch_size, repeats), ("latency", 1, latency_runs)):
+            x = export.parity_input(image_size, batch, seed=4)
+            start = time.perf_counter()
+            with torch.no_grad():
+                got = compiled(x)
+            result["compile_seconds"][key] = time.perf_counter() - start
+
+            def ours():
+                with torch.no_grad():
+                    compiled(x)
+            seconds = _time_alternating({"ours": ours, "reference": lambda: onnx_int8(x)}, runs)
+            if key == "throughput":
+                ours_, reference = batch / seconds["ours"], batch / seconds["reference"]
+                result[key] = {"ours": ours_, "reference": reference, "ratio": ours_ / reference, "unit": "images/s"}
+                with torch.no_grad():
+                    want = deploy(x)
+                result["max_logit_diff"] = {"pt2e": (got - want).abs().max().item(),
+                                            "onnxruntime": (onnx_int8(x) - want).abs().max().item()}
+            else:
+                ours_, reference = 1000 * seconds["ours"], 1000 * seconds["reference"]
+                result[key] = {"ours": ours_, "reference": reference, "ratio": reference / ours_, "unit": "ms"}
+    finally:
+        inductor_config.freezing = freezing
     return result
 
 
@@ -134,6 +199,8 @@ def get_args_parser():
     p.add_argument("--calibration-images", type=int, nargs="+", default=[512])
     p.add_argument("--methods", nargs="+", default=list(quantization.CALIBRATION_METHODS),
                    choices=list(quantization.CALIBRATION_METHODS))
+    p.add_argument("--pt2e", action="store_true",
+                   help="time torchao PT2E INT8 (X86InductorQuantizer, torch.compile) against onnxruntime INT8")
     p.add_argument("--json", type=Path, default=None)
     return p
 
@@ -144,6 +211,17 @@ def main(args):
     out = {}
     if args.weights:
         out["recipes"] = recipes(args.weights, args.data_dir, args.calibration_images, args.methods)
+    elif args.pt2e:
+        r = pt2e_speed(args.batch_size, args.image_size, args.repeats, args.latency_runs)
+        t, lat = r["throughput"], r["latency"]
+        print(f"CPU INT8, {r['threads']} threads, {r['image_size']} px, width 1.0, medians of alternating runs")
+        print(f"batch {r['batch_size']}: PT2E+inductor {t['ours']:.1f} images/s, onnxruntime {t['reference']:.1f} "
+              f"images/s, ratio {t['ratio']:.2f}")
+        print(f"batch 1: PT2E+inductor {lat['ours']:.2f} ms, onnxruntime {lat['reference']:.2f} ms, "
+              f"ratio {lat['ratio']:.2f}")
+        print(f"start-up: quantize {r['quantize_seconds']:.1f} s, compile {r['compile_seconds']['throughput']:.1f} s "
+              f"(batch {r['batch_size']}) + {r['compile_seconds']['latency']:.1f} s (batch 1)")
+        out["pt2e"] = r
     else:
         r = speed(args.batch_size, args.image_size, args.repeats, args.latency_runs)
         t, lat = r["throughput"], r["latency"]

@@ -107,6 +107,12 @@ for name, model in (("random init", MobileNetV2().eval()), ("demo checkpoint", l
 print("parity ok")
 EOF
 
+# The online teacher's cost (bench/bench_distill.py): the training step with a ResNet-50 teacher over the plain
+# step, amp, batch 256 (about 20 s).
+step "bench/bench_distill.py, online teacher" 60 "$PYTHON" bench/bench_distill.py --device "$DEVICE" \
+    --batch-size "$([[ $DEVICE == cuda ]] && echo 256 || echo 8)" --amp --repeats 5 \
+    --json "$RESULTS/gpu_distill.json" | tee "$RESULTS/gpu_distill.txt" || true
+
 # The measurements (bench/bench_gpu.py): synthetic images/s eager and compiled (each compiled mode in its
 # own process, with its compile time), real-JPEG images/s with the CPU and GPU data backends at 4, 8 and 16
 # loader processes, peak GPU memory, the batched crop-and-resize. It gets what is left of the 8 minutes.

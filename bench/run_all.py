@@ -60,11 +60,11 @@ SETTINGS = {
     "quick": dict(data_repeats=1, data_limit=32, train_batch=8, train_size=128, train_steps=2, train_rounds=2,
                   eval_batch=16, eval_batches=1, eval_repeats=2, eval_size=160, onnx_runs=5, onnx_size=160,
                   demo_per_class=(24, 4), gpu_batch=128, gpu_steps=10, gpu_rounds=2, loader_steps=8,
-                  workers=(4,)),
+                  workers=(4,), pt2e=False),  # PT2E's compiles alone take about a minute here
     "default": dict(data_repeats=5, data_limit=0, train_batch=32, train_size=224, train_steps=2, train_rounds=5,
                     eval_batch=32, eval_batches=3, eval_repeats=5, eval_size=224, onnx_runs=30, onnx_size=224,
                     demo_per_class=(None, None), gpu_batch=256, gpu_steps=20, gpu_rounds=5, loader_steps=24,
-                    workers=(2, 4, 8, 16)),
+                    workers=(2, 4, 8, 16), pt2e=True),
 }
 
 
@@ -117,7 +117,28 @@ def int8_rows(s, log):
                                           f"batch {r['batch_size']} x {r['image_size']} px, INT8 QDQ vs float, both "
                                           f"onnxruntime; file {size}"),
             "batch-1 latency int8 (cpu)": _row(lat["ratio"], lat["ours"], lat["reference"], "ms",
-                                               f"{r['image_size']} px, INT8 vs float, both onnxruntime")}
+                                               f"{r['image_size']} px, INT8 vs float, both onnxruntime"),
+            **pt2e_rows(s, log)}
+
+
+def pt2e_rows(s, log):
+    """torchao PT2E INT8 (X86InductorQuantizer, torch.compile) against the onnxruntime INT8 file."""
+    if not s["pt2e"]:
+        return {}
+    try:
+        r = bench_int8.pt2e_speed(s["eval_batch"], s["eval_size"], s["eval_repeats"], s["onnx_runs"], log=log)
+    except Exception as e:  # no C++ compiler for inductor, no torchao: say so, keep the other rows
+        log(f"PT2E INT8 rows not measured ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+        return {}
+    t, lat = r["throughput"], r["latency"]
+    start = f"compile {r['compile_seconds']['throughput']:.0f} s"
+    return {"evaluation int8 pt2e vs onnxruntime (cpu)": _row(
+                t["ratio"], t["ours"], t["reference"], "images/s",
+                f"batch {r['batch_size']} x {r['image_size']} px, torchao X86InductorQuantizer + torch.compile vs "
+                f"the onnxruntime INT8 file; {start}"),
+            "batch-1 latency int8 pt2e vs onnxruntime (cpu)": _row(
+                lat["ratio"], lat["ours"], lat["reference"], "ms",
+                f"{r['image_size']} px, PT2E + inductor vs onnxruntime INT8")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,21 +290,22 @@ def loader_rows_cuda(images, s, device, workers, synthetic):
 
 
 def decode_rows_cuda(images, device, count=256):
-    """nvjpeg (torchvision.io.decode_jpeg on the GPU, batched) vs full-size libjpeg decoding on one CPU core."""
-    import torchvision.io as tio
+    """nvJPEG (TorchCodec's decode_jpeg on the GPU, batched) vs full-size libjpeg decoding on one CPU core."""
+    from torchcodec.decoders import decode_jpeg
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = bench_data._paths(images, 0) if images else bench_data.make_jpegs(Path(tmp) / "jpegs")
-        files = [tio.read_file(str(paths[k % len(paths)])) for k in range(count)]
+        files = [torch.frombuffer(bytearray(Path(paths[k % len(paths)]).read_bytes()), dtype=torch.uint8)
+                 for k in range(count)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         def cpu():
             for f in files[:64]:
-                tio.decode_jpeg(f, mode=tio.ImageReadMode.RGB)
+                decode_jpeg(f, mode="RGB")
 
         def gpu():
-            tio.decode_jpeg(files, mode=tio.ImageReadMode.RGB, device=device)
+            decode_jpeg(files, mode="RGB", device=device)
 
         cpu(), gpu()  # nvjpeg handles, first-call allocations
         t_cpu, t_gpu = [], []

@@ -11,6 +11,8 @@ renamed into place (`outputs.atomic_write`): a crash leaves the old file or the 
 import argparse
 import hashlib
 import io
+import json
+import math
 import pickle
 import random
 import zipfile
@@ -55,8 +57,9 @@ def is_checkpoint(data):
 
 
 def meta(data):
-    """Class order, preprocessing and model config saved in a checkpoint; {} for bare weight files."""
-    if not is_checkpoint(data):
+    """Class order, preprocessing and model config saved in a checkpoint or with safetensors weights; {} for
+    bare weight files."""
+    if not (is_checkpoint(data) or isinstance(data, dict) and data.get("format") == SAFETENSORS_FORMAT):
         return {}
     return {key: data[key] for key in ("classes", "data", "model_config", "epoch") if key in data}
 
@@ -120,14 +123,133 @@ def _check_declared_sizes(path):
                            "file; refused before reading (a damaged or hostile file), use another copy")
 
 
+# --------------------------------------------------------------------------------------------------
+# safetensors: a JSON header and raw tensor bytes, no code. Checked here before the library reads it.
+
+SAFETENSORS_FORMAT = "mobilenetv2-safetensors"   # what read_weights returns for a .safetensors file or Hub folder
+SAFETENSORS_METADATA_KEY = "mobilenetv2"         # this repo's JSON (classes, data, model_config) in the metadata
+SAFETENSORS_MAX_HEADER = 100 * 2**20              # the safetensors format's own limit on the header
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+
+
+def is_safetensors(path):
+    path = Path(path)
+    return path.suffix.lower() == ".safetensors" or path.is_dir() and (path / HUB_WEIGHTS).is_file()
+
+
+def safetensors_header(path):
+    """The JSON header of the safetensors file at `path`, checked against the file before any tensor is
+    read: a header over 100 MiB or past the end of the file, a dtype the format does not have, a tensor
+    whose bytes do not fit its shape or lie outside the file are refused in one line."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: {size} bytes, too short for a safetensors file; use another copy")
+        length = int.from_bytes(head, "little")
+        if length > SAFETENSORS_MAX_HEADER:
+            raise WeightsError(f"{path}: its header declares {length} bytes, over the format's 100 MiB limit "
+                               "(a damaged or hostile file); refused before reading, use another copy")
+        if 8 + length > size:
+            raise WeightsError(f"{path}: its header declares {length} bytes but the file holds {size - 8} after "
+                               "the length (truncated or damaged); use another copy")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path}: its safetensors header is not valid JSON ({_first_line(e)}); "
+                               "use another copy") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: its safetensors header is not a JSON object; use another copy")
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise WeightsError(f"{path}: tensor {name!r} has no dtype, shape and data_offsets; use another copy") \
+                from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype!r}, which safetensors does not define; "
+                               "use another copy")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_bytes) \
+                or end - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype] or min(shape, default=0) < 0:
+            raise WeightsError(f"{path}: tensor {name!r} ({dtype} {shape}) declares bytes {start}..{end} of the "
+                               f"{data_bytes} the file holds; truncated or damaged, use another copy")
+    return header
+
+
+def read_safetensors(path):
+    """{"format": SAFETENSORS_FORMAT, "model": tensors, + the classes/data/model_config this repo saved in
+    the metadata} of a .safetensors file, checked by `safetensors_header` first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header = safetensors_header(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)}); use another copy") from None
+    saved = {}
+    text = (header.get("__metadata__") or {}).get(SAFETENSORS_METADATA_KEY)
+    if text:
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError:
+            raise WeightsError(f"{path}: its {SAFETENSORS_METADATA_KEY!r} metadata is not valid JSON; "
+                               "use another copy") from None
+    keep = {key: saved[key] for key in ("classes", "data", "model_config") if saved.get(key) is not None}
+    return {"format": SAFETENSORS_FORMAT, "model": tensors, **keep}
+
+
+def read_hub_folder(folder):
+    """A timm / Hugging Face Hub folder (model.safetensors + config.json) as `read_safetensors` returns a
+    file: the classes and preprocessing from this repo's entry in config.json when it wrote the folder,
+    else from timm's label_names and pretrained_cfg."""
+    data = read_safetensors(folder / HUB_WEIGHTS)
+    config_path = folder / HUB_CONFIG
+    if not config_path.is_file():
+        return data
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{config_path}: not valid JSON ({_first_line(e)}); fix or remove it") from None
+    ours = config.get(SAFETENSORS_METADATA_KEY) or {}
+    for key in ("classes", "data", "model_config"):
+        if ours.get(key) is not None:
+            data.setdefault(key, ours[key])
+    cfg = config.get("pretrained_cfg") or {}
+    if "data" not in data and cfg.get("input_size") and cfg.get("mean") and cfg.get("std"):
+        size = int(cfg["input_size"][-1])
+        data["data"] = {"input_size": size, "resize": int(math.floor(size / float(cfg.get("crop_pct") or 0.875))),
+                        "interpolation": cfg.get("interpolation") if cfg.get("interpolation") in ("bilinear", "bicubic")
+                        else "bilinear", "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    names = config.get("label_names")
+    if "classes" not in data and isinstance(names, list) and names:
+        # timm's ImageNet label_names are the WNIDs in sorted order; other lists name the classes in label order
+        imagenet = len(names) == 1000 and all(str(n).startswith("n") and str(n)[1:].isdigit() for n in names)
+        data["classes"] = {"order": "sorted" if imagenet else "folders", "wnids": names if imagenet else None,
+                           "names": [str(n) for n in names]}
+    return data
+
+
 def read_weights(path):
     """Read a weight or checkpoint file of any layout as plain data, refusing anything that would run code.
 
     `torch.load(weights_only=True)` never unpickles arbitrary objects; there is no unsafe fallback.
     `argparse.Namespace` (which torchvision's reference scripts save as "args") is allowed: it only holds
-    attributes. A saved sha256 must match the contents.
+    attributes. A saved sha256 must match the contents. A .safetensors file (this repo's layout or timm's)
+    and a Hub folder holding model.safetensors + config.json are read without pickle (`read_safetensors`).
     """
     path = Path(path)
+    if path.is_dir() and (path / HUB_WEIGHTS).is_file():
+        return read_hub_folder(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: a folder without {HUB_WEIGHTS}; pass a weight file or a Hub folder")
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return read_safetensors(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weight file; check the path")
     if path.stat().st_size == 0:
@@ -174,6 +296,9 @@ def _refuse_other_formats(path):
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             raise WeightsError(f"{path}: a TorchScript program (torch.jit.save), not weights: pass the weights or "
                                "checkpoint it was exported from")
+        if any(n.endswith("/archive_format") for n in names) and any(n.endswith("/models/model.json") for n in names):
+            raise WeightsError(f"{path}: a torch.export program (evaluate.py --export-pt2), not weights: pass the "
+                               "weights or checkpoint it was exported from")
     elif path.suffix.lower() == ".onnx" or (len(head) >= 3 and head[0] == 0x08 and head[1] < 0x80
                                             and head[2] in _ONNX_NEXT_FIELDS):
         raise WeightsError(f"{path}: an ONNX model, not PyTorch weights: evaluate.py --weights scores it as it is; "

@@ -10,14 +10,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mnv2 import cli, distributed, outputs, resolve
+from mnv2 import checkpoint, cli, distributed, hub, outputs, resolve
 from mnv2.cli import UsageError
 from mnv2.data import folders as image_folders
+from mnv2.data import robust
 from mnv2.data.imagenet import NUM_CLASSES, Classes, DataError, find_layout, list_samples, read_classes
 from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader
 from mnv2.data.transforms import eval_transform
 from mnv2.deploy import export, inference, onnx_weights
 from mnv2.scoring import EvaluationError, evaluate, list_images, predict_images
+
+REAL_FROM_TIMM = Path("<timm's copy>")  # --real-labels without a file
 
 
 def check_onnx_flags(args, device):
@@ -26,8 +29,8 @@ def check_onnx_flags(args, device):
     clashes = [flag for flag, given in (("--ema", args.ema), ("--amp", args.amp), ("--compile", args.compile),
                                         ("--backend torch", args.backend == "torch"),
                                         ("--export-onnx", args.export_onnx),
-                                        ("--export-torchscript", args.export_torchscript),
-                                        ("--export-pte", args.export_pte)) if given]
+                                        ("--export-pt2", args.export_pt2),
+                                        ("--export-pte", args.export_pte), ("--export-hub", args.export_hub)) if given]
     if clashes:
         raise UsageError(f"{clashes[0]} needs PyTorch weights, and --weights {args.weights} is an ONNX file; "
                          "drop it")
@@ -89,14 +92,33 @@ def run(args):
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
-    if not (args.images or args.data_dir or args.export_onnx or args.export_torchscript or args.export_pte):
-        raise UsageError("nothing to do: give --data-dir, image files, --export-onnx, --export-torchscript or "
-                         "--export-pte")
+    if args.sets is not None and (args.data_dir is not None or args.images):
+        raise UsageError("--sets ROOT scores every set it finds there; drop --data-dir and image files")
+    if args.sets is not None and not args.sets.is_dir():
+        raise UsageError(f"--sets {args.sets}: no such directory")
+    if args.table is not None and args.sets is None:
+        raise UsageError("--table writes the table of --sets ROOT; add --sets")
+    if args.export_torchscript is not None:
+        raise UsageError(f"--export-torchscript {args.export_torchscript}: PyTorch has deprecated TorchScript "
+                         "(torch.jit); write --export-pt2 FILE (torch.export, for Python and AOTInductor) or "
+                         "--export-onnx FILE instead")
+    if args.opset is not None and args.export_onnx and args.onnx_exporter == "dynamo" \
+            and args.opset < export.DYNAMO_MIN_OPSET:
+        raise UsageError(f"--opset {args.opset}: the dynamo ONNX exporter writes opset {export.DYNAMO_MIN_OPSET} "
+                         "or later; raise --opset or add --onnx-exporter torchscript")
+    if not (args.images or args.data_dir or args.sets or args.export_onnx or args.export_pt2 or args.export_pte
+            or args.export_hub):
+        raise UsageError("nothing to do: give --data-dir, image files, --export-onnx, --export-pt2, --export-pte or "
+                         "--export-hub")
+    if args.export_hub is not None and args.export_hub.exists() and (not args.export_hub.is_dir()
+                                                                     or any(args.export_hub.iterdir())):
+        raise UsageError(f"--export-hub {args.export_hub}: already exists and is not an empty folder; name a new "
+                         "folder (nothing there is replaced)")
     if args.backend == "onnxruntime" and device.type != "cpu":
         raise UsageError(f"--backend onnxruntime scores on the CPU, but --device is {device}; add --device cpu")
     for flag, path in (("--json", args.json), ("--per-class", args.per_class), ("--predictions", args.predictions),
-                       ("--confusion", args.confusion), ("--export-onnx", args.export_onnx),
-                       ("--export-torchscript", args.export_torchscript), ("--export-pte", args.export_pte)):
+                       ("--confusion", args.confusion), ("--export-onnx", args.export_onnx), ("--table", args.table),
+                       ("--export-pt2", args.export_pt2), ("--export-pte", args.export_pte)):
         if path is not None and str(path) != "-":  # --per-class alone prints, writes nothing
             outputs.check_writable(path, flag)  # now, not after the whole scoring pass
     if device.type == "cuda" and not args.amp:
@@ -123,6 +145,12 @@ class Job:
     channels_last: bool
     rank: int = 0
     world: int = 1
+    onnx_candidate: nn.Module = None  # --backend auto on the CPU: the model to export once the data is large
+
+
+# --backend auto moves CPU scoring to onnxruntime from this many images: its graph is about twice as fast as
+# PyTorch's eager one here, and exporting it (PyTorch's dynamo exporter) costs about 5-8 s once
+ONNX_MIN_IMAGES = 1000
 
 
 def _run(args, device, rank, world, log):
@@ -148,19 +176,28 @@ def _run(args, device, rank, world, log):
               "published": entry["published"] if entry else None, "model_config": dict(model.config),
               "class_order": order, "preprocessing": pre}
 
-    if (args.export_onnx or args.export_torchscript or args.export_pte) and rank == 0:
+    if (args.export_onnx or args.export_pt2 or args.export_pte) and rank == 0:
         deployed = export.deployment_metadata(deployed_classes(args.data_dir, meta, order, num_classes),
                                                  deployed_preprocessing(pre, meta), dict(model.config))
-        result["export"] = run_exports(model, args.export_onnx, args.export_torchscript, pre["input_size"],
-                                       args.opset, args.export_tolerance, log, deployed, args.export_pte)
+        result["export"] = run_exports(model, args.export_onnx, args.export_pt2, pre["input_size"],
+                                       args.opset, args.export_tolerance, log, deployed, args.export_pte,
+                                       onnx_exporter=args.onnx_exporter)
+    if args.export_hub is not None and rank == 0:
+        result.setdefault("export", {})["hub"] = export_hub(model, args.export_hub, path, digest, meta, order,
+                                                            num_classes, pre, args, log)
+    deferred = args.backend == "auto" and device.type == "cpu" and not (args.amp or args.compile or args.plain) \
+        and not isinstance(model, onnx_weights.OnnxFileModel)
     fast, channels_last, backend = fast_model(model, device, pre["input_size"], args.batch_size, args.amp,
-                                              args.compile, args.plain, args.backend, log)
+                                              args.compile, args.plain, "torch" if deferred else args.backend, log)
     if backend:
         result["backend"] = backend
-    job = Job(fast, device, pre, order, meta, num_classes, channels_last, rank, world)
+    job = Job(fast, device, pre, order, meta, num_classes, channels_last, rank, world,
+              onnx_candidate=model if deferred else None)
 
     if args.images:
         result["image_predictions"] = run_predict(args, job)
+    elif args.sets is not None:
+        result["sets"] = run_sets(args, job, log)
     elif args.data_dir is not None:
         result.update(run_scoring(args, job, log))
         if entry and pre_source == "published":
@@ -198,8 +235,8 @@ def write_output(path, writer, *contents):
     writer(path, *contents)
 
 
-def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance, log, metadata=None,
-                pte_path=None):
+def run_exports(model, onnx_path, pt2_path, input_size, opset, tolerance, log, metadata=None,
+                pte_path=None, onnx_exporter="dynamo"):
     # Exported models carry the folded convolutions: the same function, fewer operators to run. The
     # check compares with the model as loaded, so the folding is verified along with the export.
     model = model.cpu().eval()
@@ -207,18 +244,18 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
     inference.fold_batchnorm(deploy)
     report = {}
     for kind, target, write in (("onnx", onnx_path, export.export_onnx),
-                                 ("torchscript", torchscript_path, export.export_torchscript),
+                                 ("pt2", pt2_path, export.export_pt2),
                                  ("pte", pte_path, export.export_pte)):
         if target is None:
             continue
-        kwargs = {"opset": opset, "metadata": metadata} if kind == "onnx" else \
+        kwargs = {"opset": opset, "metadata": metadata, "exporter": onnx_exporter} if kind == "onnx" else \
             {"metadata": metadata} if kind == "pte" else {}
         with outputs.staged(target) as staging:  # only a file that passed its check replaces the target
             try:
                 diff = write(deploy, staging, input_size=input_size, reference=model, **kwargs)
             except cli.ScriptError:
                 raise
-            except Exception as e:  # the exporter's own failure: a torch.onnx, torch.jit or ExecuTorch error
+            except Exception as e:  # the exporter's own failure: a torch.onnx, torch.export or ExecuTorch error
                 reason = (str(e).strip().splitlines() or [""])[0][:200]
                 raise EvaluationError(f"{target}: the {kind} export failed ({type(e).__name__}: {reason}); "
                                       "nothing was written") from None
@@ -226,11 +263,30 @@ def run_exports(model, onnx_path, torchscript_path, input_size, opset, tolerance
                 raise EvaluationError(f"{target}: exported {kind} model differs from PyTorch by {diff:.2e} "
                                       f"(> {tolerance:g}); not written, do not deploy it")
         report[kind] = {"path": str(target), "max_abs_diff": diff}
+        if kind == "onnx":
+            report[kind]["exporter"] = onnx_exporter
         if diff is None:
             log(f"wrote {target} (onnxruntime not installed: the exported graph was not run)")
         else:
-            log(f"wrote {target}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
+            how = f" ({onnx_exporter} exporter)" if kind == "onnx" else ""
+            log(f"wrote {target}{how}: max |logit difference| to PyTorch {diff:.2e} (tolerance {tolerance:g})")
     return report
+
+
+def export_hub(model, folder, path, digest, meta, order, num_classes, pre, args, log):
+    """Write the timm / Hugging Face Hub folder of `model` (mnv2.hub.write_folder), with what the weights
+    file knows about its training on the model card."""
+    classes = deployed_classes(args.data_dir, meta, order, num_classes)
+    facts = hub.card_facts(checkpoint.read_weights(path), path, digest)
+    try:
+        # the preprocessing with the images a --val-split run held out, so the folder is scored on them alone
+        arch, diff = hub.write_folder(model, folder, classes, deployed_preprocessing(pre, meta), facts,
+                                      tolerance=args.export_tolerance)
+    except hub.HubError as e:
+        raise EvaluationError(f"--export-hub {folder}: {e}") from None
+    log(f"wrote {folder}: timm {arch}, {num_classes} classes (model.safetensors, config.json, README.md); timm's "
+        f"logits from it are within {diff:.1e} of these; publish with: hf upload ORG/NAME {folder}")
+    return {"path": str(folder), "architecture": arch, "max_abs_diff": diff}
 
 
 def run_predict(args, job):
@@ -307,13 +363,91 @@ def spread(samples, count):
     return [samples[i] for i in sorted(i for _, i in sorted(order)[:count])]
 
 
+def onnx_for_large_data(job, count, log):
+    """--backend auto: score `count` images in onnxruntime when they are many enough to repay its export
+    (`ONNX_MIN_IMAGES`); the job's model changes in place. Returns the backend's name when it changed."""
+    if job.onnx_candidate is None or count < ONNX_MIN_IMAGES:
+        return None
+    try:
+        job.model = inference.OnnxRuntimeModel(job.onnx_candidate, job.pre["input_size"])
+    except (ImportError, export.InferenceError) as e:
+        log(f"note: scoring in PyTorch, onnxruntime not used ({e})")
+        return None
+    job.channels_last = False
+    return "onnxruntime"
+
+
+def sorted_to_model_index(job):
+    """[model output index] for each of the 1000 classes in sorted-WNID order, or an error naming what
+    is missing: weights in devkit order must say which WNID each output is."""
+    wnids = image_folders.imagenet_classes()[0]
+    if job.num_classes != NUM_CLASSES:
+        raise EvaluationError(f"the weights have {job.num_classes} classes; the ImageNet evaluation sets need "
+                              f"ImageNet-1k weights ({NUM_CLASSES} classes)")
+    if job.order == "sorted":
+        return list(range(NUM_CLASSES))
+    saved = (job.meta.get("classes") or {}).get("wnids") or []
+    if sorted(saved) != list(wnids):
+        raise EvaluationError(f"the weights are in {job.order} class order without their WNIDs; pass "
+                              "--class-order sorted if they follow torchvision's order")
+    position = {w: i for i, w in enumerate(saved)}
+    return [position[w] for w in wnids]
+
+
+def recognised_set(args, job):
+    """The evaluation set at --data-dir (robust.Found) or None for ImageNet val and folders of classes.
+    Recognised from the layout only for ImageNet-1k weights; ImageNet-A/-R/-Sketch only when complete or
+    named so (a few WNID folders of someone's own are scored as folders of classes)."""
+    if job.order == image_folders.FOLDER_ORDER or job.num_classes != NUM_CLASSES and not args.dataset:
+        return None
+    if not args.dataset and is_imagenet_data(args.data_dir, job.order):
+        return None
+    found = robust.recognise(args.data_dir, args.dataset, image_folders.imagenet_classes()[0])
+    if found is None or args.dataset or found.name.startswith("imagenet-v2"):
+        return found
+    complete = len(found.folders) == found.expected
+    return found if complete or robust.named_as(found.name, args.data_dir) else None
+
+
+def robust_samples(args, job, found, log):
+    """Samples, Classes, the report and the model outputs to restrict the logits to (A/R: their 200; else
+    None) for a recognised set."""
+    model_index = sorted_to_model_index(job)
+    samples, report = robust.samples(found, model_index)
+    wnids, names = class_names(None, job.meta, job.order, job.num_classes)
+    restrict = None
+    if found.subset is not None:
+        restrict = [model_index[i] for i in found.subset]
+        wnids, names = [wnids[i] for i in restrict], [names[i] for i in restrict]
+    missing = f", {report['classes_missing']} of its {report['classes_expected']} classes missing" \
+        if report["classes_missing"] else ""
+    log(f"recognised {found.name}: {report['images']} images in {report['classes']} classes{missing}"
+        + ("; logits restricted to its 200 classes" if found.subset is not None else ""))
+    return samples, Classes(job.order, wnids, names, [0] * len(names)), report, restrict
+
+
 def run_scoring(args, job, log):
-    imagenet = is_imagenet_data(args.data_dir, job.order)
-    samples, classes = imagenet_samples(args, job) if imagenet else folder_samples(args, job, log)
+    found = recognised_set(args, job)
+    imagenet = found is None and is_imagenet_data(args.data_dir, job.order)
+    report = restrict = None
+    if found is not None:
+        samples, classes, report, restrict = robust_samples(args, job, found, log)
+    else:
+        samples, classes = imagenet_samples(args, job) if imagenet else folder_samples(args, job, log)
     if not samples:
         raise DataError(f"{args.data_dir}: no validation images found")
+    backend = onnx_for_large_data(job, len(samples), log)
+    if restrict is not None:
+        job.model = robust.Restricted(job.model, restrict)
+    real = None
+    if args.real_labels is not None:
+        if not imagenet:
+            raise UsageError(f"--real-labels scores ImageNet val, but {args.data_dir} is not an ImageNet layout")
+        labels = robust.real_labels(None if args.real_labels == REAL_FROM_TIMM else args.real_labels)
+        real = robust.real_targets(samples, labels)
     if args.max_images:  # ImageNet's val files come in no class order; class folders do
         samples = samples[:args.max_images] if imagenet else spread(samples, args.max_images)
+        real = real[:len(samples)] if real is not None else None
     pre = job.pre
     dataset = ImageNetDataset(samples, eval_transform(pre["input_size"], pre["resize"], pre["interpolation"]),
                               train=False)
@@ -321,7 +455,7 @@ def run_scoring(args, job, log):
                           num_workers=args.num_workers)
     stats = evaluate(job.model, loader, job.device, mean=pre["mean"], std=pre["std"],
                      channels_last=job.channels_last, amp=args.amp, progress=not args.no_progress,
-                     collect_predictions=bool(args.predictions), per_class=True,
+                     collect_predictions=bool(args.predictions) or real is not None, per_class=True,
                      confusion=bool(args.per_class or args.confusion))
     if job.num_classes <= 5:  # top-5 of 5 classes or fewer is 100% by definition
         stats["top5"] = None
@@ -332,6 +466,16 @@ def run_scoring(args, job, log):
         f"{stats['images_per_s']:.1f} images/s on {job.world} x {job.device.type}")
     if stats["failed"]:
         log(f"warning: {stats['failed']} images did not decode and were scored as misses")
+    if backend is not None:
+        stats["backend"] = backend
+    if found is not None:
+        stats["set"] = report
+    if real is not None:
+        stats["real"] = robust.real_scores(stats["predictions"], real, sorted_to_model_index(job))
+        log(f"ReaL top-1 {stats['real']['top1']:.3f}%  top-5 {stats['real']['top5']:.3f}%  images "
+            f"{stats['real']['images']} (skipped, no ReaL label: {stats['real']['skipped']})")
+        if not args.predictions:
+            stats.pop("predictions")
     correct, count = stats.pop("per_class_correct", None), stats.pop("per_class_count", None)
     predictions, confusion = stats.pop("predictions", None), stats.pop("confusion", None)
     if job.rank == 0:
@@ -345,6 +489,73 @@ def run_scoring(args, job, log):
         if args.predictions:
             write_output(args.predictions, write_predictions, predictions, samples, classes)
     return stats
+
+
+def find_sets(root):
+    """[(name, folder, real)] of the evaluation sets in `root` and its subfolders: ImageNet val (scored with
+    ReaL too where timm's labels are there), ImageNet-V2, -A, -R, -Sketch, as their layouts say."""
+    wnids = image_folders.imagenet_classes()[0]
+    found = []
+    for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if image_folders.is_imagenet_layout(folder):
+            try:
+                if find_layout(folder).val_dir is not None:
+                    found.append(("imagenet", folder, None))
+                    found.append(("imagenet-real", folder, REAL_FROM_TIMM))
+            except DataError:
+                pass
+            continue
+        try:
+            match = robust.recognise(folder, None, wnids)
+        except DataError:
+            continue
+        if match is not None and (match.name.startswith("imagenet-v2") or robust.named_as(match.name, folder)
+                                  or len(match.folders) == match.expected):
+            found.append((match.name, folder, None))
+    return found
+
+
+def run_sets(args, job, log):
+    """Score the weights on every set `find_sets` finds under --sets; print and write the table (markdown,
+    and CSV beside it) with timm's published mobilenetv2_100 row for comparison."""
+    sets = find_sets(args.sets)
+    if not sets:
+        raise DataError(f"--sets {args.sets}: no evaluation set found there or in its subfolders (ImageNet val, "
+                        "-V2 folders 0..999, -A/-R 200 WNID folders, -Sketch 1000 WNID folders)")
+    rows = []
+    for name, folder, real in sets:
+        if name == "imagenet-real":
+            continue  # scored in the same pass as imagenet
+        log(f"--- {name}: {folder}")
+        one = copy.copy(args)
+        one.data_dir, one.dataset, one.predictions, one.per_class, one.confusion = folder, None, None, None, None
+        one.real_labels = REAL_FROM_TIMM if any(n == "imagenet-real" and f == folder for n, f, _ in sets) else None
+        try:
+            stats = run_scoring(one, copy.copy(job), log)
+        except (DataError, EvaluationError) as e:
+            if name != "imagenet" or one.real_labels is None:
+                raise
+            log(f"ReaL not scored ({e})")
+            one.real_labels = None
+            stats = run_scoring(one, copy.copy(job), log)
+        set_report = stats.get("set") or {}
+        rows.append({"set": name, "top1": stats["top1"], "top5": stats["top5"], "images": stats["images"],
+                     "failed": stats["failed"], "classes_missing": set_report.get("classes_missing", 0),
+                     "timm_mobilenetv2_100_top1": robust.TIMM_MOBILENETV2_100.get(name), "folder": str(folder)})
+        if "real" in stats:
+            r = stats["real"]
+            rows.append({"set": "imagenet-real", "top1": r["top1"], "top5": r["top5"], "images": r["images"],
+                         "failed": stats["failed"], "classes_missing": 0,
+                         "timm_mobilenetv2_100_top1": robust.TIMM_MOBILENETV2_100["imagenet-real"],
+                         "folder": str(folder)})
+    table = robust.markdown_table(rows, args.weights)
+    log(table)
+    if args.table is not None and job.rank == 0:
+        write_output(args.table, lambda path: outputs.atomic_write(path, table + "\n"))
+        csv_path = args.table.with_suffix(".csv")
+        write_output(csv_path, outputs.write_csv, list(rows[0]), [list(r.values()) for r in rows])
+        log(f"wrote {args.table} and {csv_path}")
+    return rows
 
 
 def report_per_class(correct, count, confusion, classes, log):

@@ -163,8 +163,8 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 # What a training run leaves in its directory; checkpoints are last.pth, best.pth and epoch_N.pth.
 CHECKPOINT_NAME = re.compile(r"^(last|best|epoch_(\d+))\.pth$")
-REPORT_NAMES = ("args.yaml", "metrics.csv", "result.txt", "curves.png", "confusion.png", "model.int8.onnx", RUN_FILE,
-                "tensorboard")
+REPORT_NAMES = ("args.yaml", "metrics.csv", "result.txt", "curves.png", "confusion.png", "model.int8.onnx",
+                "model.safetensors", RUN_FILE, "tensorboard")
 
 
 class RunDirectory:

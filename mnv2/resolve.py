@@ -10,6 +10,7 @@ comes, lowest first, from torchvision's defaults < the published one of a recogn
 with the weights < the overrides the caller passes (the user's flags); the class order from the weights'
 own record, else the caller's choice, else the published one, else sorted WNIDs.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,11 +90,59 @@ def locate(name, flag, pretrained_dir=PRETRAINED_DIR, log=print):
     """The file `name` stands for: a public file by name (fetched and verified), or an existing path."""
     if name in KNOWN_WEIGHTS and name in DOWNLOADABLE:
         return fetch_public_weights(name, pretrained_dir, log)
+    if str(name).startswith(HF_HUB_PREFIX):
+        return hub_folder(str(name), flag, log)
     path = Path(name)
+    if path.is_dir():
+        if not (path / checkpoint.HUB_WEIGHTS).is_file():
+            raise UsageError(f"{flag} {path}: a folder without {checkpoint.HUB_WEIGHTS}; pass a weight file or a "
+                             "Hub folder (model.safetensors + config.json)")
+        return path
     if not path.is_file():
         hint = f" (named public weights: {', '.join(DOWNLOADABLE)})" if not path.suffix else ""
         raise UsageError(f"{flag} {path}: no such file{hint}")
     return path
+
+
+HF_HUB_PREFIX = "hf-hub:"
+HUB_FILES = [checkpoint.HUB_WEIGHTS, checkpoint.HUB_CONFIG]
+
+
+def hub_folder(name, flag, log=print):
+    """The local folder of Hugging Face Hub model `hf-hub:ORG/NAME[@REVISION]`: from the local Hugging Face
+    cache, else downloaded (model.safetensors and config.json only) unless offline; a one-line error
+    saying what to fetch when neither works."""
+    repo, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
+    fetch = (f"where the machine is online, run: hf download {repo} {' '.join(HUB_FILES)} (or set HF_HOME to a "
+             "cache that holds it)")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UsageError(f"{flag} {name}: name a Hub model as hf-hub:ORG/NAME")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError(f"{flag} {name}: reading from the Hugging Face Hub needs huggingface_hub: "
+                         "pip install huggingface_hub") from None
+    # read the cache location and offline switch now: the library reads them once, when first imported
+    home = os.environ.get("HF_HOME")
+    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else None)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    kwargs = dict(repo_id=repo, revision=revision or None, allow_patterns=HUB_FILES, cache_dir=cache)
+    try:
+        folder = Path(snapshot_download(local_files_only=True, **kwargs))
+    except Exception:  # not cached (the library's errors differ by version): try the network
+        if offline:
+            raise UsageError(f"{flag} {name}: not in the local Hugging Face cache{f' ({cache})' if cache else ''} "
+                             f"and HF_HUB_OFFLINE is set; {fetch}") from None
+        try:
+            log(f"{repo} is not in the local Hugging Face cache; downloading {', '.join(HUB_FILES)}")
+            folder = Path(snapshot_download(**kwargs))
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UsageError(f"{flag} {name}: not in the local Hugging Face cache and not downloaded ({reason}); "
+                             f"{fetch}") from None
+    if not (folder / checkpoint.HUB_WEIGHTS).is_file():
+        raise UsageError(f"{flag} {name}: the cached copy has no {checkpoint.HUB_WEIGHTS}; {fetch}")
+    return folder
 
 
 def build_model(raw, path, flag, num_classes=None, width_mult=None, use_ema=False):

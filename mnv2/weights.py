@@ -59,6 +59,10 @@ DOWNLOADABLE = ("torchvision-v1", "torchvision-v2")
 
 
 def sha256_of(path):
+    """sha256 of a file's bytes; of a Hub folder, of its model.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / checkpoint.HUB_WEIGHTS
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

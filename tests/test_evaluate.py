@@ -19,11 +19,11 @@ import evaluate as ev
 import helpers
 from helpers import LAYOUTS as PUBLIC_LAYOUTS  # each public layout written independently of the loader
 from helpers import RunsCode
-from mnv2 import scoring, weights
+from mnv2 import evaluation, scoring, weights
 from mnv2.data.demo import make_demo
 from mnv2.data.imagenet import find_layout, list_samples, read_classes
 from mnv2.data.loaders import EvalSampler
-from mnv2.data.transforms import eval_transform, normalize
+from mnv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mnv2.deploy import export, inference
 from MobileNetV2 import MobileNetV2
 
@@ -283,8 +283,15 @@ def test_onnxruntime_and_torch_backends_give_the_same_scores(trained, demo):
     assert ort["loss"] == pytest.approx(pt["loss"], abs=1e-4)
 
 
+def test_auto_scores_small_data_in_pytorch_and_large_data_in_onnxruntime(trained, demo, monkeypatch):
+    assert run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, *PRE)["backend"] == "torch"
+    monkeypatch.setattr(evaluation, "ONNX_MIN_IMAGES", 2)  # as if the demo were large enough to repay the export
+    assert run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, *PRE)["backend"] == "onnxruntime"
+
+
 def test_without_onnxruntime_scoring_falls_back_to_pytorch_with_a_note(trained, demo, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(evaluation, "ONNX_MIN_IMAGES", 2)
     result = run("--weights", trained["path"], "--data-dir", demo, "--num-workers", 0, *PRE)
     assert result["backend"] == "torch" and result["images"] == len(trained["labels"])
     assert "onnxruntime not used" in capsys.readouterr().out
@@ -495,30 +502,53 @@ def test_an_image_that_does_not_decode_is_one_line_and_a_nonzero_exit(trained, t
 # ---- export ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-def test_onnx_and_torchscript_exports_pass_their_parity_check(trained, tmp_path):
-    onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.pt"
-    result = run("--weights", trained["path"], "--export-onnx", onnx_path, "--export-torchscript", ts_path,
-                 "--crop", SIZE)
-    assert onnx_path.is_file() and ts_path.is_file()
-    for kind in ("onnx", "torchscript"):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_exports_from_both_exporters_and_pt2_pass_their_parity_check(trained, tmp_path, exporter):
+    onnx_path, pt2_path = tmp_path / "m.onnx", tmp_path / "m.pt2"
+    result = run("--weights", trained["path"], "--export-onnx", onnx_path, "--onnx-exporter", exporter,
+                 "--export-pt2", pt2_path, "--crop", SIZE)
+    assert onnx_path.is_file() and pt2_path.is_file() and result["export"]["onnx"]["exporter"] == exporter
+    for kind in ("onnx", "pt2"):
         diff = result["export"][kind]["max_abs_diff"]
         assert diff is not None and diff <= 1e-4
+    onnx = pytest.importorskip("onnx")
+    opset = {entry.domain: entry.version for entry in onnx.load(str(onnx_path)).opset_import}[""]
+    assert opset == (18 if exporter == "dynamo" else 17)
     # both files take any batch size and agree with the model as trained
     x = torch.randn(5, 3, SIZE, SIZE)
     with torch.no_grad():
         want = trained["model"](x)
-        assert (torch.jit.load(str(ts_path))(x) - want).abs().max() <= 1e-4
+        assert (torch.export.load(str(pt2_path)).module()(x) - want).abs().max() <= 1e-4
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     assert (got - want).abs().max() <= 1e-4
 
 
+def test_parity_inputs_look_like_normalised_photos():
+    x = export.parity_input(32, 4)
+    pixels = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6  # 0..1 images, normalised as the model expects
+    # neighbouring pixels are close (photos are smooth): independent noise would differ by about 1/3
+    assert (pixels[..., 1:] - pixels[..., :-1]).abs().mean() < 0.12
+    assert torch.equal(x, export.parity_input(32, 4)) and not torch.equal(x, export.parity_input(32, 4, seed=1))
+
+
 def test_an_export_that_disagrees_fails(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(export, "export_torchscript", lambda *a, **k: 3e-3)
-    code, err = error_of(capsys, "--weights", trained["path"], "--export-torchscript", tmp_path / "m.pt")
-    assert code == 1 and len(err) == 1 and "3.00e-03" in err[0]
+    monkeypatch.setattr(export, "export_pt2", lambda *a, **k: 3e-3)
+    code, err = error_of(capsys, "--weights", trained["path"], "--export-pt2", tmp_path / "m.pt2")
+    assert code == 1 and len(err) == 1 and "3.00e-03" in err[0] and not (tmp_path / "m.pt2").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--export-torchscript", "m.pt"], ["--export-torchscript", "deprecated", "--export-pt2"]),
+    (["--export-onnx", "m.onnx", "--opset", "17"], ["--opset 17", "18", "--onnx-exporter torchscript"]),
+])
+def test_deprecated_or_impossible_export_flags_are_one_line(trained, tmp_path, capsys, flags, words):
+    code, err = error_of(capsys, "--weights", trained["path"], *[str(tmp_path / f) if f.startswith("m.") else f
+                                                                 for f in flags])
+    assert code == 2 and len(err) == 1 and all(w in err[0] for w in words), err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- named public weights ------------------------------------------------------------------------

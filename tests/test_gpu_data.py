@@ -246,3 +246,29 @@ def test_what_the_gpu_backend_cannot_do_is_one_line(demo_data, tmp_path, capsys,
     assert helpers.run_main(train, parse(demo_data, tmp_path, "--data-backend", "gpu", *flags)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and flags[0] in err[0]
+
+
+def test_exif_orientation_is_ignored_on_both_backends_as_pillow_reads_imagenet(tmp_path):
+    """TorchCodec applies a JPEG's EXIF orientation; Pillow (the CPU backend, torchvision's and timm's
+    pipelines) does not. The GPU backend drops the EXIF segment, so both decode the stored pixels."""
+    rng = np.random.default_rng(1)
+    pixels = np.array(Image.fromarray(rng.integers(0, 256, (6, 10, 3)).astype(np.uint8)).resize((100, 60)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.JPEG"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    data = path.read_bytes()
+    stripped = gpu_data.without_exif(data)
+    assert b"Exif\x00\x00" in data and b"Exif\x00\x00" not in stripped and len(stripped) < len(data)
+    assert gpu_data.without_exif(stripped) == stripped  # nothing else changes
+    plain = tmp_path / "plain.JPEG"
+    Image.fromarray(pixels).save(plain, quality=95)
+    assert gpu_data.without_exif(plain.read_bytes()) == plain.read_bytes()
+
+    payload, kind, _ = gpu_data.DeviceRead(EvalTransform(48, 48))(path)
+    assert kind == gpu_data.JPEG
+    decoded = gpu_data.Decoder(48, "cpu").decode_jpegs([payload])[0]
+    assert decoded.shape == (3, 60, 100) and torch.equal(decoded, decode_rgb(path))
+    # and end to end: the evaluation crop equals the CPU backend's
+    batch = gpu_data.collate([(gpu_data.DeviceRead(EvalTransform(48, 48))(path), 0, 0, 0)])
+    assert mean_diff(gpu_data.Decoder(48, "cpu")(batch)[0][0], EvalTransform(48, 48)(path)) <= 0.5

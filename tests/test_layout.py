@@ -1,6 +1,8 @@
 """The shape of the repo, as docs/architecture.md draws it: thin scripts at the root over one package, whose
 layers import only downwards, with no cycle, and nothing but the tests importing a root script."""
 import ast
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,16 @@ SCRIPTS = ("train", "evaluate", "count_flops", "read_ImageNetData", "quantize")
 # knows scoring, training knows all of them, and only the scripts sit on top.
 LAYERS = (
     ("network", ("MobileNetV2",)),
-    ("base", ("mnv2.cli", "mnv2.outputs", "mnv2.distributed", "mnv2.checkpoint", "mnv2.weights", "mnv2.flops")),
+    ("base", ("mnv2.cli", "mnv2.outputs", "mnv2.distributed", "mnv2.checkpoint", "mnv2.weights", "mnv2.hub",
+              "mnv2.flops")),
     ("data", ("mnv2.data.imagenet", "mnv2.data.transforms", "mnv2.data.loaders", "mnv2.data.demo",
-              "mnv2.data.folders", "mnv2.data.augment", "mnv2.data.gpu_decode")),
+              "mnv2.data.folders", "mnv2.data.augment", "mnv2.data.gpu_decode", "mnv2.data.robust")),
     ("engines", ("mnv2.deploy.export", "mnv2.deploy.inference", "mnv2.deploy.onnx_weights",
                  "mnv2.deploy.quantization")),
     ("scoring", ("mnv2.resolve", "mnv2.scoring", "mnv2.evaluation")),
     ("deploy", ("mnv2.deploy.ptq",)),
-    ("training", ("mnv2.training.optimization", "mnv2.training.finetune", "mnv2.training.fused_batchnorm",
+    ("training", ("mnv2.training.optimization", "mnv2.training.finetune", "mnv2.training.distill",
+                  "mnv2.training.fused_batchnorm",
                   "mnv2.training.recipes", "mnv2.training.config", "mnv2.training.state", "mnv2.training.learner",
                   "mnv2.training.datasets", "mnv2.training.loop", "mnv2.training.run")),
     ("scripts", SCRIPTS),
@@ -128,3 +132,28 @@ def test_one_parser_and_one_error_type_serve_every_script():
     for path in library_files():
         assert path.name == "cli.py" or "class UsageError" not in path.read_text()
     assert issubclass(cli.UsageError, cli.ScriptError) and cli.UsageError.exit_code == 2
+
+
+DEPRECATED_CALLS = {  # what its owners deprecated -> what this repo uses instead
+    "torch.ao.quantization": "torchao.quantization.pt2e",
+    "torch.quantization": "torchao.quantization.pt2e",
+    "torchvision.io": "torchcodec.decoders",
+    "torch.jit.trace": "torch.export",
+    "torch.jit.script": "torch.export",
+}
+
+
+def test_no_module_calls_an_api_its_owners_deprecated():
+    offenders = []
+    for path in [*REPO.glob("*.py"), *(REPO / "mnv2").rglob("*.py"), *(REPO / "bench").rglob("*.py")]:
+        text = path.read_text()
+        offenders += [f"{path.relative_to(REPO)}: {old} (use {new})" for old, new in DEPRECATED_CALLS.items()
+                      if re.search(rf"\b{re.escape(old)}\b", text)]
+    assert offenders == []
+
+
+def test_this_repos_deprecation_warnings_fail_the_suite():
+    with pytest.raises(DeprecationWarning):
+        warnings.warn("an API on its way out", DeprecationWarning)
+    with pytest.raises(FutureWarning):
+        warnings.warn("an API on its way out", FutureWarning)

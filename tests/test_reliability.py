@@ -477,7 +477,8 @@ def test_wrong_flag_value_is_one_argparse_line_and_exit_2(tool, flags, flag, bar
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny model written as an ONNX file (under a .pth name too) and as a TorchScript program."""
+    """A tiny model written as an ONNX file (under a .pth name too), as a TorchScript program and as a
+    torch.export program."""
     import warnings
 
     from mnv2.deploy import export
@@ -488,11 +489,13 @@ def exported(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is on its way out: a user may still have one
         torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), root / "model.pt")
+    export.export_pt2(model, root / "model.pt2", input_size=32)
     return root
 
 
 @pytest.mark.parametrize("name, what", [("model.onnx", "an ONNX model"), ("renamed.pth", "an ONNX model"),
-                                        ("model.pt", "a TorchScript program")])
+                                        ("model.pt", "a TorchScript program"),
+                                        ("model.pt2", "a torch.export program")])
 def test_a_deployed_file_given_as_weights_is_named_for_what_it_is(exported, name, what):
     code, err, _ = run_script(count_flops, "--weights", exported / name)
     line = one_line(err)

@@ -256,21 +256,21 @@ def test_evaluate_checks_its_output_paths_before_scoring(demo_data, first_run, t
 
 @pytest.mark.slow
 def test_a_failed_export_never_replaces_a_good_file(first_run, tmp_path, monkeypatch, capsys):
-    target = tmp_path / "model.pt"
+    target = tmp_path / "model.pt2"
     ev.main(ev.get_args_parser().parse_args(["--weights", str(first_run / "last.pth"), "--device", "cpu",
-                                             "--export-torchscript", str(target)]))
+                                             "--export-pt2", str(target)]))
     good = target.read_bytes()
 
     def disagreeing(model, path, **kwargs):
         path.write_bytes(b"a broken model")
         return 3e-3
 
-    monkeypatch.setattr(export, "export_torchscript", disagreeing)
+    monkeypatch.setattr(export, "export_pt2", disagreeing)
     with pytest.raises(SystemExit):
         ev.main(ev.get_args_parser().parse_args(["--weights", str(first_run / "last.pth"), "--device", "cpu",
-                                                 "--export-torchscript", str(target)]))
+                                                 "--export-pt2", str(target)]))
     assert "not written" in capsys.readouterr().err
-    assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
 
 
 def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch):

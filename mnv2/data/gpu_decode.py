@@ -1,6 +1,6 @@
 """The GPU data backend (`train.py --data-backend gpu`): loader processes only read file bytes and draw the
-crop; JPEGs are decoded on the GPU in batches (nvjpeg, through torchvision.io.decode_jpeg) and cropped,
-resized and flipped there as one batched crop-and-resize.
+crop; JPEGs are decoded on the GPU in batches (nvJPEG, through TorchCodec's decode_jpeg: one call per batch)
+and cropped, resized and flipped there as one batched crop-and-resize.
 
     loader = DeviceLoader(build_loader(device_dataset(train_set, "train"), ...), Decoder(224, device, ...))
 
@@ -22,6 +22,12 @@ Its resampling is bilinear, and where it shrinks it averages a grid of bilinear 
 (torchvision.ops.roi_align with its adaptive sampling), where the CPU backend uses Pillow-style
 antialiasing (and, in training, libjpeg's reduced-scale decoding): the pixels agree closely, not exactly
 (tests/test_gpu_data.py states the bounds). On the CPU, the JPEG decoding here is libjpeg's, file by file.
+
+EXIF orientation is not applied, on either backend: Pillow (the CPU backend, and the torchvision and timm
+pipelines every public ImageNet score was measured with) leaves it alone, while TorchCodec always applies
+it. The loader process therefore drops a JPEG's EXIF segment before its bytes travel (`without_exif`), so
+both backends decode the same upright-as-stored pixels and the crop box drawn on Pillow's width and height
+stays right.
 """
 import io
 import math
@@ -62,7 +68,7 @@ class DeviceRead:
         width, height = im.size
         geometry = self.geometry(width, height)
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), JPEG, geometry
+            return torch.frombuffer(bytearray(without_exif(data)), dtype=torch.uint8), JPEG, geometry
         return decode_rgb(im), DECODED, geometry
 
     def geometry(self, width, height):
@@ -74,6 +80,28 @@ class DeviceRead:
             return torch.tensor([j, i, j + w, i + h, j, i, j + w, i + h, flip], dtype=torch.float64)
         x1, y1, x2, y2 = eval_box(width, height, t.resize, t.input_size)
         return torch.tensor([x1, y1, x2, y2, 0, 0, width, height, 0], dtype=torch.float64)
+
+
+def without_exif(data):
+    """JPEG bytes `data` without their EXIF (APP1 "Exif") segments, so no decoder rotates the image by its
+    orientation tag; everything else, pixels included, byte for byte. `data` itself when it has none or
+    its markers cannot be followed (the decoder then judges the file)."""
+    if data[:2] != b"\xff\xd8":
+        return data
+    kept, pos, dropped = [data[:2]], 2, False
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker < 0xC0 or 0xD0 <= marker <= 0xDA:
+            break  # start of scan (or a marker without a length): the rest is kept as it is
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if end > len(data):
+            return data
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
+            dropped = True
+        else:
+            kept.append(data[pos:end])
+        pos = end
+    return b"".join(kept) + data[pos:] if dropped else data
 
 
 def eval_box(width, height, resize, crop):
@@ -228,19 +256,21 @@ class Decoder:
 
     def decode_jpegs(self, datas):
         """Decoded uint8 [3, H, W] images on the device, or None for a file that did not decode."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         if not datas:
             return []
+        try:
+            from torchcodec.decoders import decode_jpeg
+        except ImportError:
+            raise RuntimeError("the GPU data backend decodes with TorchCodec: pip install torchcodec") from None
         if self.device.type == "cuda":
-            try:  # one batched nvjpeg call; a file it refuses makes the whole call fail, then file by file
-                return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device))
+            try:  # one batched nvJPEG call; a file it refuses makes the whole call fail, then file by file
+                return list(decode_jpeg(list(datas), mode="RGB", device=self.device))
             except RuntimeError:
                 pass
         images = []
         for data in datas:
             try:
-                image = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                image = decode_jpeg(data, mode="RGB", device=self.device)
             except RuntimeError:
                 try:  # the CPU backend's decoder
                     image = decode_rgb(Image.open(io.BytesIO(data.numpy().tobytes()))).to(self.device)

@@ -159,7 +159,7 @@ def calibrate(onnx_path, batches, method="minmax", workdir=None):
 
 
 def quantize_onnx(model, calibration, path, input_size=224, method="minmax", bias_correction=True,
-                  metadata=None, opset=17, log=print):
+                  metadata=None, opset=None, log=print):
     """Write `model` as an INT8 QDQ ONNX file at `path` (atomically), calibrated on `calibration`.
 
     Returns {"path", "bytes", "float_bytes", "max_abs_diff" (float export vs PyTorch), "method",
@@ -283,6 +283,21 @@ def _rounded_with_straight_through_gradient(weight):
     return weight + (quantize_weight(weight) - weight).detach()
 
 
+def _torchao_fake_quantization():
+    """torchao's PT2E FakeQuantize and MovingAverageMinMaxObserver (torch's own quantization package, where they
+    lived before, is deprecated), imported without the note torch logs while torchao registers its types."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level, pytree_log.level = pytree_log.level, logging.ERROR
+    try:
+        from torchao.quantization.pt2e import FakeQuantize, MovingAverageMinMaxObserver
+    except ImportError:
+        raise QuantizationError("quantization-aware training needs torchao (pip install -r requirements.txt "
+                                "installs the tested release)") from None
+    finally:
+        pytree_log.level = level
+    return FakeQuantize, MovingAverageMinMaxObserver
+
+
 class QuantizationAwareTraining:
     """Fake quantization of a MobileNetV2 in training, as the INT8 file will compute it, in place.
 
@@ -301,7 +316,7 @@ class QuantizationAwareTraining:
     """
 
     def __init__(self, model, freeze_bn_epochs=3, freeze_observer_epochs=4):
-        from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+        FakeQuantize, MovingAverageMinMaxObserver = _torchao_fake_quantization()
         self.model, self.freeze_bn_epochs, self.freeze_observer_epochs = model, freeze_bn_epochs, freeze_observer_epochs
         self.quantizers, self.handles, self.patched = [], [], []
         self.observing = True

@@ -103,6 +103,10 @@ def check_args(args):
             if given:
                 raise UsageError(f"{flag} does not combine with --qat (its copies of the layers would not be "
                                  "fake-quantized); drop it")
+    if args.teacher and args.freeze_backbone:
+        raise UsageError("--teacher needs the images, and --freeze-backbone trains on cached features; drop one")
+    if args.teacher and args.qat is not None:
+        raise UsageError("--teacher does not combine with --qat; distil first, then quantize the student")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such file (or use --resume auto)")
     if args.tensorboard:

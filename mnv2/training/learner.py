@@ -63,6 +63,7 @@ class Learner:
     mean: tuple = IMAGENET_MEAN  # input normalisation, recorded in the checkpoints
     std: tuple = IMAGENET_STD
     on_features: object = None  # model -> its part that runs on cached backbone features (frozen backbone)
+    distill: object = None      # distill.Distillation: a teacher's term added to the loss
 
 
 def check_batchnorm_batch(args, per_rank, world_size):

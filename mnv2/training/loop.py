@@ -307,6 +307,8 @@ def _passes(learner, group, context):
                 if target.is_floating_point() and amp_dtype is None:
                     target = target.to(logits.dtype)
                 loss = learner.criterion(logits, target)
+                if learner.distill is not None:  # the teacher sees x: the pixels the student saw, mixed
+                    loss = learner.distill(loss, logits, x)
             scaled = loss / len(group) if len(group) > 1 else loss
             with distributed.collective() if context.distributed else contextlib.nullcontext():  # DDP syncs here
                 (learner.scaler.scale(scaled) if learner.scaler is not None else scaled).backward()

@@ -16,7 +16,7 @@ import torch
 from mnv2 import checkpoint, cli, distributed, outputs, resolve
 from mnv2.data.demo import DEMO_MARKER, demo_is_complete, make_demo
 from mnv2.deploy import quantization
-from mnv2.training import finetune
+from mnv2.training import distill, finetune
 from mnv2.training.config import recipe_lines
 from mnv2.training.datasets import DataSpec, build_data
 from mnv2.training.learner import build_learner, check_batchnorm_batch, probe_on_cached_features
@@ -90,6 +90,10 @@ def train(args, context, stop, run_dir, on_step=None, args_yaml=None):
         return 0
     learner = build_learner(model, args, start, context, log)
     learner, data = probe_on_cached_features(learner, data, args, context, log)
+    learner.distill = distill.build(args, learner.raw.config["num_classes"], list(data.classes.names),
+                                    context.device, log)
+    if learner.distill is not None:  # the checkpoints say which teacher taught them (never the teacher itself)
+        args.teacher_sha256 = learner.distill.teacher.sha256
     tensorboard = open_tensorboard(save_path) if context.is_main and args.tensorboard else None
     log(run_summary(args, data, learner, context))
     if args_yaml is not None and context.is_main:  # the run is accepted: its resolved flags beside its checkpoints

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnv2 import checkpoint, distributed, outputs, resolve
+from mnv2 import checkpoint, distributed, hub, outputs, resolve
 from mnv2.checkpoint import CheckpointError, WeightsError
 from mnv2.cli import UsageError
 from mnv2.data import folders as image_folders
@@ -195,9 +195,13 @@ def snapshot(learner, data, epochs_done, steps_done, best_acc1, metrics, run_id,
         partial=partial, world_size=world_size, args=plain_args(args), run_id=run_id)
 
 
+SAFETENSORS_NAME = "model.safetensors"  # beside best.pth: the best weights, shareable
+
+
 def save_epoch(ckpt, save_path, epoch, is_last_epoch, save_epoch_freq, is_best, keep_last, metrics, log):
     """Write the end-of-epoch checkpoint to epoch_N.pth (every `save_epoch_freq`), last.pth and, when it
-    is the best so far, best.pth; then prune old epoch files and rewrite the reports."""
+    is the best so far, best.pth and its weights as model.safetensors (for sharing: no pickle, with the
+    class names and preprocessing in its metadata); then prune old epoch files and rewrite the reports."""
     paths = []
     if epoch % save_epoch_freq == 0 or is_last_epoch:
         paths.append(save_path / f"epoch_{epoch}.pth")
@@ -205,6 +209,9 @@ def save_epoch(ckpt, save_path, epoch, is_last_epoch, save_epoch_freq, is_best, 
     if is_best:
         paths.append(save_path / "best.pth")
     checkpoint.write(ckpt, paths)
+    if is_best:
+        hub.write_safetensors(save_path / SAFETENSORS_NAME, ckpt["model"],
+                              {key: ckpt[key] for key in ("classes", "data", "model_config")})
     checkpoint.prune(save_path, keep_last, log)
     try:
         outputs.write_reports(metrics, save_path)
