@@ -165,8 +165,8 @@ def get_args_parser(add_help=True):
                     help="kd: T^2 KL(teacher || student) (Hinton et al. 2015); dist: DIST's inter- and "
                          "intra-class Pearson relations (Huang et al. 2022)")
     kd.add_argument("--distill-temperature", type=cli.positive_float, default=1.0, help="softmax temperature T")
-    kd.add_argument("--distill-alpha", type=cli.non_negative_float, default=1.0,
-                    help="weight of the label loss; the distillation term has weight 1")
+    kd.add_argument("--distill-alpha", type=cli.non_negative_float, default=0.5,
+                    help="weight of the label loss, in [0, 1]; the distillation term gets 1 - alpha")
     kd.add_argument("--distill-beta", type=cli.non_negative_float, default=1.0, help="DIST's inter-class weight")
     kd.add_argument("--distill-gamma", type=cli.non_negative_float, default=1.0, help="DIST's intra-class weight")
     add_recipe_arguments(p)

@@ -76,14 +76,14 @@ def test_the_teacher_sees_the_students_pixels_mixed_too_in_its_own_normalisation
     assert torch.allclose(teacher.model.seen[0], want_mixed, atol=1e-5)
 
 
-def test_the_loss_is_alpha_times_the_label_loss_plus_the_distillation_term():
+def test_the_loss_is_alpha_times_the_label_loss_plus_one_minus_alpha_times_the_distillation_term():
     teacher = distill.Teacher(Recorder(5), IMAGENET_MEAN, IMAGENET_STD, "recorder", None, 5)
     s, _ = fixed_logits()
     for name, term in (("kd", distill.kd_loss(s, torch.zeros_like(s), 2.0)),
                        ("dist", distill.dist_loss(s, torch.zeros_like(s), 2.0, 0.5, 3.0))):
         loss = distill.Distillation(teacher, IMAGENET_MEAN, IMAGENET_STD, name, 2.0, alpha=0.25, beta=0.5, gamma=3.0)
         got = loss(torch.tensor(2.0), s, torch.zeros(4, 3, 8, 8))
-        assert got.item() == pytest.approx(0.25 * 2.0 + term.item(), rel=1e-6)
+        assert got.item() == pytest.approx(0.25 * 2.0 + 0.75 * term.item(), rel=1e-6)
 
 
 COMMON = ["--batch-size", "10", "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0",
@@ -134,6 +134,7 @@ def test_distillation_records_its_teacher_never_holds_it_and_resumes_bit_exactly
 
 @pytest.mark.parametrize("extra, words", [
     (["--freeze-backbone"], ["--teacher needs the images", "--freeze-backbone"]),
+    (["--distill-alpha", "1.5"], ["--distill-alpha 1.5", "between 0 and 1"]),
     (["--teacher", "torchvision:resnet9000"], ["torchvision:resnet9000", "not a torchvision classification model"]),
 ])
 def test_teacher_misuse_is_one_line(demo_data, teacher_file, tmp_path, extra, words):

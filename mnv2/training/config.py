@@ -103,6 +103,9 @@ def check_args(args):
             if given:
                 raise UsageError(f"{flag} does not combine with --qat (its copies of the layers would not be "
                                  "fake-quantized); drop it")
+    if args.distill_alpha > 1:
+        raise UsageError(f"--distill-alpha {args.distill_alpha:g}: the label loss's share, between 0 and 1 "
+                         "(the distillation term gets 1 - alpha)")
     if args.teacher and args.freeze_backbone:
         raise UsageError("--teacher needs the images, and --freeze-backbone trains on cached features; drop one")
     if args.teacher and args.qat is not None:
