@@ -85,6 +85,7 @@ def test_a_width_timm_does_not_define_is_one_line_and_nothing_is_written(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_training_run_leaves_model_safetensors_with_its_classes(run_dir):
     best = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=True)
     shared = checkpoint.read_weights(run_dir / "model.safetensors")
@@ -122,6 +123,7 @@ def test_folders_to_hub_folder_to_evaluate_gives_the_same_top1_and_class_names(r
     assert b["class_order"] == a["class_order"] and b["preprocessing"] == a["preprocessing"]
 
 
+@pytest.mark.slow
 def test_an_existing_hub_folder_is_refused_and_kept(run_dir, tmp_path, capsys):
     target = tmp_path / "hub"
     target.mkdir()
@@ -161,6 +163,7 @@ def test_doctored_safetensors_are_refused_in_one_line_before_reading(tmp_path, c
     assert code == 1 and str(path) in line and needle in line, line
 
 
+@pytest.mark.slow
 def test_timm_layout_safetensors_and_hub_folders_are_read_by_every_script(tmp_path):
     model = random_model(0.5, 3)
     hub.write_folder(model, tmp_path / "hub", {"order": "folders", "wnids": None, "names": list("abc")}, PRE)

@@ -444,3 +444,12 @@ def test_a_missing_output_folder_is_made(weights, data, tmp_path):
                               "--calibration-images", 16, "--no-speed", "--max-images", 10)
     assert code == 0, err
     assert out.stat().st_size > 0
+
+
+def test_qat_trains_at_the_resolution_its_weights_were_trained_at_unless_told(weights, data):
+    import train
+    args = train.get_args_parser().parse_args(["--qat", str(weights["path"]), "--data-dir", str(data)])
+    assert (args.input_size, args.val_resize_size) == (SIZE, RESIZE)
+    args = train.get_args_parser().parse_args(["--qat", str(weights["path"]), "--data-dir", str(data),
+                                               "--input-size", "64"])
+    assert args.input_size == 64

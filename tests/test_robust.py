@@ -94,6 +94,7 @@ def test_imagenet_r_is_told_from_a_by_its_classes_and_dataset_names_a_partial_co
     assert result["set"]["set"] == "imagenet-r" and result["top1"] == 100.0
 
 
+@pytest.mark.slow
 def test_sketch_files_are_opened_by_content_and_named_folders_are_recognised(tmp_path):
     root = tmp_path / "imagenet-sketch"
     cls = WNIDS[3]
@@ -130,6 +131,7 @@ def test_real_counts_any_label_in_the_set_and_skips_unlabelled_images(tmp_path):
     assert "predictions" not in result
 
 
+@pytest.mark.slow
 def test_real_needs_the_original_val_file_names(tmp_path):
     data = make_fake_imagenet(tmp_path / "imagenet", num_val=2, val_folders=True)  # labelled by folder
     for k, path in enumerate(sorted(data["val_dir"].glob("*/*.JPEG"))):

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from mnv2 import checkpoint
 from mnv2.cli import UsageError
 from mnv2.data import augment
 from mnv2.training import finetune, recipes
@@ -24,6 +25,7 @@ def presets(args):
     chosen = recipe_defaults(name)
     if args.qat or config.get("qat"):
         chosen.update(recipes.named("qat").flags)
+        chosen.update(qat_sizes(args.qat or config.get("qat")))
     if args.demo or config.get("demo"):
         demo = recipes.named("demo").flags
         chosen.update({k: v for k, v in demo.items() if name == "seed" or k not in DEMO_METHOD})
@@ -32,6 +34,18 @@ def presets(args):
     chosen.update(finetune.presets(args, name))
     chosen.update(config)
     return chosen
+
+
+def qat_sizes(path):
+    """The crop and resize the --qat weights were trained and scored at (their checkpoint's), as defaults:
+    quantization-aware training fine-tunes the same task at the same resolution. {} when the file does not say
+    (or cannot be read now: the run's own checks name the file then)."""
+    try:
+        saved = checkpoint.meta(checkpoint.read_weights(path)).get("data") or {}
+    except (checkpoint.WeightsError, OSError):
+        return {}
+    sizes = {"input_size": saved.get("input_size"), "val_resize_size": saved.get("resize")}
+    return {key: value for key, value in sizes.items() if isinstance(value, int) and value > 0}
 
 
 def recipe_defaults(name):
