@@ -192,3 +192,12 @@ def test_two_processes_score_real_and_a_restricted_set_without_double_counting(t
     assert single["real"]["images"] == 6 and single["real"]["top1"] == pytest.approx(200 / 6)
     single, ddp = runs["a"]
     assert ddp["images"] == single["images"] == 3 and ddp["top1"] == single["top1"]
+
+
+def test_a_missing_real_labels_file_is_one_line(tmp_path):
+    data = make_fake_imagenet(tmp_path / "imagenet", num_val=2)
+    weights = constant_weights(tmp_path / "w.pth", [0])
+    code, err, _ = run_script(evaluate, "--weights", weights, *COMMON, "--data-dir", data["root"],
+                              "--real-labels", tmp_path / "real.json")
+    line = one_line(err)
+    assert code == 1 and f"--real-labels {tmp_path / 'real.json'}: no such file" in line

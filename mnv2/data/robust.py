@@ -58,6 +58,9 @@ def subset_wnids(name):
 def real_labels(path=None):
     """ReaL's label sets, one list per val image in file-number order (timm's copy by default)."""
     path = Path(path) if path is not None else _timm_info("imagenet_real_labels.json")
+    if not path.is_file():
+        raise DataError(f"--real-labels {path}: no such file; give ReaL's real.json (github.com/google-research/"
+                        "reassessed-imagenet), or --real-labels alone for the copy timm ships")
     try:
         labels = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
