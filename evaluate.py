@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mnv2 import cli
 from mnv2.deploy import export
-from mnv2.data.robust import SETS
+from mnv2.data.robust import CLEAN, SETS
 from mnv2.data.transforms import INTERPOLATIONS
 from mnv2.evaluation import REAL_FROM_TIMM, run
 from mnv2.weights import DOWNLOADABLE, PRETRAINED_DIR
@@ -60,10 +60,11 @@ def get_args_parser(add_help=True):
                       help="label order of weights that do not record one (default sorted WNIDs, as "
                            "torchvision; the seed repo trained with devkit order). A checkpoint's own "
                            "order wins")
-    data.add_argument("--dataset", choices=SETS, default=None,
+    data.add_argument("--dataset", choices=SETS + CLEAN, default=None,
                       help="which evaluation set --data-dir holds, where its layout does not say (a partial copy): "
                            "ImageNet-V2's folders 0..999 are read as class numbers, ImageNet-A/-R score their "
-                           "200 classes only (default: recognised from the layout)")
+                           "200 classes only (default: recognised from the layout); imagenet-a-clean / "
+                           "imagenet-r-clean: ImageNet val on A's / R's 200 classes, as timm reports beside them")
     data.add_argument("--real-labels", type=Path, nargs="?", const=REAL_FROM_TIMM, default=None, metavar="FILE",
                       help="also score ImageNet val against ReaL's labels (real.json; without FILE, the copy "
                            "timm ships): any of the top-k in an image's label set counts; unlabelled images "

@@ -402,6 +402,11 @@ def recognised_set(args, job):
         return None
     if not args.dataset and is_imagenet_data(args.data_dir, job.order):
         return None
+    if args.dataset in robust.CLEAN:
+        if not is_imagenet_data(args.data_dir, job.order):
+            raise UsageError(f"--dataset {args.dataset} scores ImageNet val on those 200 classes, but "
+                             f"{args.data_dir} is not an ImageNet layout")
+        return robust.Found(args.dataset, args.data_dir, expected=200)
     found = robust.recognise(args.data_dir, args.dataset, image_folders.imagenet_classes()[0])
     if found is None or args.dataset or found.name.startswith("imagenet-v2"):
         return found
@@ -430,7 +435,18 @@ def run_scoring(args, job, log):
     found = recognised_set(args, job)
     imagenet = found is None and is_imagenet_data(args.data_dir, job.order)
     report = restrict = None
-    if found is not None:
+    if found is not None and found.name in robust.CLEAN:
+        samples, classes = imagenet_samples(args, job)
+        samples, restrict = robust.clean_val(samples, found.name, sorted_to_model_index(job))
+        classes = Classes(job.order, [classes.wnids[i] for i in restrict], [classes.names[i] for i in restrict],
+                          [0] * len(restrict))
+        present = len({label for _, label in samples})
+        report = {"set": found.name, "images": len(samples), "classes": present, "classes_expected": 200,
+                  "classes_missing": 200 - present}
+        log(f"{found.name}: ImageNet val restricted to {found.name[:-6]}'s 200 classes: {len(samples)} images in "
+            f"{present} classes; logits restricted to those classes")
+        imagenet = True
+    elif found is not None:
         samples, classes, report, restrict = robust_samples(args, job, found, log)
     else:
         samples, classes = imagenet_samples(args, job) if imagenet else folder_samples(args, job, log)
@@ -441,7 +457,7 @@ def run_scoring(args, job, log):
         job.model = robust.Restricted(job.model, restrict)
     real = None
     if args.real_labels is not None:
-        if not imagenet:
+        if not imagenet or found is not None:
             raise UsageError(f"--real-labels scores ImageNet val, but {args.data_dir} is not an ImageNet layout")
         labels = robust.real_labels(None if args.real_labels == REAL_FROM_TIMM else args.real_labels)
         real = robust.real_targets(samples, labels)
@@ -502,6 +518,7 @@ def find_sets(root):
                 if find_layout(folder).val_dir is not None:
                     found.append(("imagenet", folder, None))
                     found.append(("imagenet-real", folder, REAL_FROM_TIMM))
+                    found += [(name, folder, None) for name in robust.CLEAN]
             except DataError:
                 pass
             continue
@@ -528,8 +545,10 @@ def run_sets(args, job, log):
             continue  # scored in the same pass as imagenet
         log(f"--- {name}: {folder}")
         one = copy.copy(args)
-        one.data_dir, one.dataset, one.predictions, one.per_class, one.confusion = folder, None, None, None, None
-        one.real_labels = REAL_FROM_TIMM if any(n == "imagenet-real" and f == folder for n, f, _ in sets) else None
+        one.data_dir, one.predictions, one.per_class, one.confusion = folder, None, None, None
+        one.dataset = name if name in robust.CLEAN else None
+        one.real_labels = REAL_FROM_TIMM if name == "imagenet" and any(n == "imagenet-real" and f == folder
+                                                                       for n, f, _ in sets) else None
         try:
             stats = run_scoring(one, copy.copy(job), log)
         except (DataError, EvaluationError) as e:

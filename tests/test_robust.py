@@ -201,3 +201,16 @@ def test_a_missing_real_labels_file_is_one_line(tmp_path):
                               "--real-labels", tmp_path / "real.json")
     line = one_line(err)
     assert code == 1 and f"--real-labels {tmp_path / 'real.json'}: no such file" in line
+
+
+def test_clean_val_on_a_subsets_classes_keeps_their_images_and_restricts_the_logits(tmp_path, monkeypatch):
+    """--dataset imagenet-a-clean: val images of A's 200 classes only, top-k among those 200 (timm's clean row)."""
+    data = make_fake_imagenet(tmp_path / "imagenet", num_val=6)  # classes 0, 333, 666 in sorted order, 2 each
+    subset = sorted({0, 333} | set(range(1, 198)) | {998})  # 200 classes with 0 and 333, without 666
+    assert len(subset) == 200
+    monkeypatch.setattr(robust, "subset_indices", lambda name: subset)
+    weights = constant_weights(tmp_path / "w.pth", [666, 333])  # the top class is outside the 200
+    result, text = scores(tmp_path, weights, "--data-dir", data["root"], "--dataset", "imagenet-a-clean")
+    assert result["images"] == 4 and result["top1"] == pytest.approx(50.0)  # class 333's two images
+    assert result["set"]["classes"] == 2 and result["set"]["classes_missing"] == 198
+    assert "restricted to imagenet-a's 200 classes: 4 images" in text

@@ -28,6 +28,7 @@ from mnv2.data.imagenet import NUM_CLASSES, WNID, DataError, is_image
 
 V2_VARIANTS = ("matched-frequency", "threshold0.7", "top-images")
 SETS = ("imagenet-v2", *(f"imagenet-v2-{v}" for v in V2_VARIANTS), "imagenet-a", "imagenet-r", "imagenet-sketch")
+CLEAN = ("imagenet-a-clean", "imagenet-r-clean")  # ImageNet val restricted to A's / R's 200 classes
 # timm's published mobilenetv2_100.ra_in1k top-1 (pytorch-image-models results/*.csv), for comparison
 TIMM_MOBILENETV2_100 = {"imagenet": 72.910, "imagenet-real": 80.225, "imagenet-v2-matched-frequency": 60.220,
                         "imagenet-sketch": 20.765, "imagenet-a": 2.173, "imagenet-r": 32.593,
@@ -53,6 +54,22 @@ def subset_wnids(name):
     if len(wnids) != 200 or wnids != sorted(wnids):
         raise DataError(f"timm's {name} list is not 200 sorted WNIDs")
     return wnids
+
+
+def subset_indices(name):
+    """The 200 class indices (sorted-WNID order, ascending) of ImageNet-A or -R, as timm lists them."""
+    indices = [int(n) for n in _timm_info(f"{name.replace('-', '_')}_indices.txt").read_text().split()]
+    if len(indices) != 200 or indices != sorted(indices):
+        raise DataError(f"timm's {name} indices are not 200 ascending class numbers")
+    return indices
+
+
+def clean_val(samples, name, model_index):
+    """ImageNet val restricted to the 200 classes of `name` ("imagenet-a-clean" / "imagenet-r-clean"): the
+    samples of those classes relabelled by their position among the 200, and the model outputs to keep."""
+    restrict = [model_index[i] for i in subset_indices(name.removesuffix("-clean"))]
+    position = {output: k for k, output in enumerate(restrict)}
+    return [(path, position[label]) for path, label in samples if label in position], restrict
 
 
 def real_labels(path=None):
