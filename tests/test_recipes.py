@@ -46,7 +46,7 @@ def run(data, out, *extra, on_step=None):
 
 def test_every_training_recipe_file_states_where_it_was_published():
     names = recipes.training_recipes()
-    assert names[0] == "seed" and {"torchvision-v1", "torchvision-v2", "rmsproptf", "d-li14"} <= set(names)
+    assert names[0] == "seed" and {"torchvision-v1", "torchvision-v2", "rmsproptf", "d-li14", "cvnets"} <= set(names)
     dests = {a.dest for a in train.get_args_parser()._actions}
     for name in names:
         recipe = recipes.named(name)
@@ -362,7 +362,7 @@ def test_drop_path_drops_whole_residual_branches_in_training_only():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["torchvision-v2", "rmsproptf"])
+@pytest.mark.parametrize("recipe", ["torchvision-v2", "rmsproptf", "cvnets"])
 def test_resume_with_a_recipe_is_bit_exact(demo_data, tmp_path, recipe):
     """Every part of the recipe (policy, erasing, mixup/cutmix, RA sampler, EMA, RMSProp-TF, step decay,
     stochastic depth) draws from the seeded, checkpointed generators: 1 + 1 epochs equal 2."""
