@@ -134,11 +134,6 @@ SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "
 HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
 
 
-def is_safetensors(path):
-    path = Path(path)
-    return path.suffix.lower() == ".safetensors" or path.is_dir() and (path / HUB_WEIGHTS).is_file()
-
-
 def safetensors_header(path):
     """The JSON header of the safetensors file at `path`, checked against the file before any tensor is
     read: a header over 100 MiB or past the end of the file, a dtype the format does not have, a tensor

@@ -508,17 +508,15 @@ def run_scoring(args, job, log):
 
 
 def find_sets(root):
-    """[(name, folder, real)] of the evaluation sets in `root` and its subfolders: ImageNet val (scored with
-    ReaL too where timm's labels are there), ImageNet-V2, -A, -R, -Sketch, as their layouts say."""
+    """[(name, folder)] of the evaluation sets in `root` and its subfolders: ImageNet val (scored with ReaL too
+    where timm's labels are there) and its clean A/R rows, ImageNet-V2, -A, -R, -Sketch, as their layouts say."""
     wnids = image_folders.imagenet_classes()[0]
     found = []
     for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if image_folders.is_imagenet_layout(folder):
             try:
                 if find_layout(folder).val_dir is not None:
-                    found.append(("imagenet", folder, None))
-                    found.append(("imagenet-real", folder, REAL_FROM_TIMM))
-                    found += [(name, folder, None) for name in robust.CLEAN]
+                    found += [(name, folder) for name in ("imagenet", *robust.CLEAN)]
             except DataError:
                 pass
             continue
@@ -528,7 +526,7 @@ def find_sets(root):
             continue
         if match is not None and (match.name.startswith("imagenet-v2") or robust.named_as(match.name, folder)
                                   or len(match.folders) == match.expected):
-            found.append((match.name, folder, None))
+            found.append((match.name, folder))
     return found
 
 
@@ -540,15 +538,12 @@ def run_sets(args, job, log):
         raise DataError(f"--sets {args.sets}: no evaluation set found there or in its subfolders (ImageNet val, "
                         "-V2 folders 0..999, -A/-R 200 WNID folders, -Sketch 1000 WNID folders)")
     rows = []
-    for name, folder, real in sets:
-        if name == "imagenet-real":
-            continue  # scored in the same pass as imagenet
+    for name, folder in sets:
         log(f"--- {name}: {folder}")
         one = copy.copy(args)
         one.data_dir, one.predictions, one.per_class, one.confusion = folder, None, None, None
         one.dataset = name if name in robust.CLEAN else None
-        one.real_labels = REAL_FROM_TIMM if name == "imagenet" and any(n == "imagenet-real" and f == folder
-                                                                       for n, f, _ in sets) else None
+        one.real_labels = REAL_FROM_TIMM if name == "imagenet" else None  # ReaL in the same pass as val
         try:
             stats = run_scoring(one, copy.copy(job), log)
         except (DataError, EvaluationError) as e:

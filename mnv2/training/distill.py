@@ -148,11 +148,15 @@ class Distillation:
         # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std = x_student * scale + shift
         s_mean, s_std = torch.tensor(student_mean).view(view), torch.tensor(student_std).view(view)
         t_mean, t_std = torch.tensor(teacher.mean).view(view), torch.tensor(teacher.std).view(view)
-        self.scale, self.shift = s_std / t_std, (s_mean - t_mean) / t_std
+        # kept on the student's device, so the per-step renormalisation copies nothing
+        self.scale, self.shift = (s_std / t_std).to(device), ((s_mean - t_mean) / t_std).to(device)
 
     def teacher_input(self, x):
         """The student's normalised input as the teacher expects its pixels normalised."""
-        return x * self.scale.to(x.device, x.dtype) + self.shift.to(x.device, x.dtype)
+        scale, shift = self.scale, self.shift
+        if scale.device != x.device or scale.dtype != x.dtype:  # an input elsewhere than the student's device
+            scale, shift = scale.to(x.device, x.dtype), shift.to(x.device, x.dtype)
+        return x * scale + shift
 
     def teacher_logits(self, x):
         with torch.no_grad():
