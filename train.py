@@ -169,6 +169,17 @@ def get_args_parser(add_help=True):
                     help="weight of the label loss, in [0, 1]; the distillation term gets 1 - alpha")
     kd.add_argument("--distill-beta", type=cli.non_negative_float, default=1.0, help="DIST's inter-class weight")
     kd.add_argument("--distill-gamma", type=cli.non_negative_float, default=1.0, help="DIST's intra-class weight")
+    kd.add_argument("--write-teacher-outputs", default=None, metavar="DIR",
+                    help="do not train: store --teacher-views augmented views of every training image (drawn with "
+                         "this command's augmentation flags) with the --teacher's top --teacher-top-k logits in DIR; "
+                         "run the same command again to continue after a stop")
+    kd.add_argument("--teacher-outputs", default=None, metavar="DIR",
+                    help="learn from the teacher outputs stored in DIR (one stored view per image and epoch, "
+                         "rebuilt exactly): no teacher runs while training")
+    kd.add_argument("--teacher-views", type=cli.positive_int, default=10,
+                    help="views stored per image with --write-teacher-outputs")
+    kd.add_argument("--teacher-top-k", type=cli.positive_int, default=10,
+                    help="teacher logits stored per view (the largest; the others count as probability 0)")
     add_recipe_arguments(p)
 
     tl = p.add_argument_group("fine-tuning on your own images (finetune.py, image_folders.py)")

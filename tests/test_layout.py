@@ -26,6 +26,7 @@ LAYERS = (
     ("scoring", ("mnv2.resolve", "mnv2.scoring", "mnv2.evaluation")),
     ("deploy", ("mnv2.deploy.ptq",)),
     ("training", ("mnv2.training.optimization", "mnv2.training.finetune", "mnv2.training.distill",
+                  "mnv2.training.teacher_outputs",
                   "mnv2.training.fused_batchnorm",
                   "mnv2.training.recipes", "mnv2.training.config", "mnv2.training.state", "mnv2.training.learner",
                   "mnv2.training.datasets", "mnv2.training.loop", "mnv2.training.run")),

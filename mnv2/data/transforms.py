@@ -95,6 +95,7 @@ class TrainTransform:
         self.scale, self.ratio, self.hflip, self.interpolation = tuple(scale), tuple(ratio), hflip, interpolation
         # float32 like torchvision's torch.log(torch.tensor(ratio)), so the same draws give the same boxes
         self._log_ratio = torch.log(torch.tensor(ratio)).tolist()
+        self.drawn = None
 
     def get_params(self, width, height):
         """(top, left, height, width) of the crop, drawn exactly as RandomResizedCrop.get_params."""
@@ -152,8 +153,10 @@ class TrainTransform:
         crop = crop[None].contiguous(memory_format=torch.channels_last)
         out = torch.nn.functional.interpolate(crop, size=(self.input_size, self.input_size),
                                               mode=self.interpolation, antialias=True, align_corners=False)[0]
-        if torch.rand(1) < self.hflip:
+        flipped = bool(torch.rand(1) < self.hflip)
+        if flipped:
             out = out.flip(-1)
+        self.drawn = (i, j, h, w, flipped)  # the view's record: its crop box (top, left, height, width) and flip
         return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from mnv2 import checkpoint
 from mnv2.cli import UsageError
 from mnv2.data import augment
-from mnv2.training import finetune, recipes
+from mnv2.training import finetune, recipes, teacher_outputs
 
 # With --recipe, the recipe's method wins over the demo's settings (recipes/demo.yaml); the rest of the demo's
 # (its data, sizes, batch, epochs, device) wins over the recipe's, so any recipe runs on the demo in minutes.
@@ -124,6 +124,7 @@ def check_args(args):
         raise UsageError("--teacher needs the images, and --freeze-backbone trains on cached features; drop one")
     if args.teacher and args.qat is not None:
         raise UsageError("--teacher does not combine with --qat; distil first, then quantize the student")
+    teacher_outputs.check_args(args)
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such file (or use --resume auto)")
     if args.tensorboard:

@@ -1,6 +1,7 @@
 """The data a training run needs, built once: the training and validation loaders, the sampler whose state
 a checkpoint keeps, the class order and the preprocessing recorded with the weights.
 """
+import functools
 from dataclasses import dataclass
 
 from mnv2 import checkpoint
@@ -10,6 +11,7 @@ from mnv2.data import folders as image_folders
 from mnv2.data import gpu_decode as gpu_data
 from mnv2.data.loaders import EvalSampler, RASampler, TrainSampler, build_loader
 from mnv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, eval_transform
+from mnv2.training import teacher_outputs
 from mnv2.training.learner import caches_features
 
 
@@ -24,6 +26,7 @@ class Data:
     batch_per_rank: int         # samples per rank per optimizer step (the loader's batches: / accum_steps)
     steps_per_epoch: int
     preprocessing: dict
+    stored: object = None       # teacher_outputs.StoredOutputs: the views and teacher outputs of --teacher-outputs
 
     @property
     def num_classes(self):
@@ -59,6 +62,7 @@ class DataSpec:
     train_augment: bool = True
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    stored_outputs: object = None  # (samples, data_dir, classes, log) -> teacher_outputs.StoredOutputs
 
     @classmethod
     def from_args(cls, args, saved):
@@ -74,7 +78,9 @@ class DataSpec:
                    backend="cpu" if caches_features(args) else args.data_backend,  # images are read once then
                    val_split=args.val_split,
                    recorded_split=(checkpoint.meta(saved).get("data") or {}).get("val_split"),
-                   train_augment=args.augment, mean=tuple(args.mean), std=tuple(args.std))
+                   train_augment=args.augment, mean=tuple(args.mean), std=tuple(args.std),
+                   stored_outputs=(functools.partial(teacher_outputs.open_for_training, args.teacher_outputs,
+                                                     args=args) if args.teacher_outputs else None))
 
 
 def build_data(spec, context, log):
@@ -94,15 +100,11 @@ def build_data(spec, context, log):
         log(found.note)
     if train_set is None or len(train_set) == 0:
         raise UsageError(f"--data-dir {spec.data_dir}: no training images found")
-    if not spec.train_augment:
-        if spec.after_crop is not None:
-            raise UsageError("--no-augment trains on centre crops: drop --auto-augment and --random-erase")
-        train_set.transform = eval_transform(spec.val_crop_size, spec.val_resize_size, spec.interpolation)
-    else:
-        train_set.transform = TrainTransform(spec.train_crop_size, scale=(spec.crop_scale_min, 1.0),
-                                             hflip=spec.hflip, interpolation=spec.interpolation)
-        if spec.after_crop is not None:
-            train_set.transform = augment.Chain(train_set.transform, spec.after_crop)
+    train_set.transform = training_transform(spec)
+    stored = None
+    if spec.stored_outputs is not None:  # each image shows the epoch's stored view, rebuilt and checked
+        stored = spec.stored_outputs(train_set.samples, spec.data_dir, classes, log=log)
+        train_set = teacher_outputs.StoredViewDataset(train_set, stored)
     if spec.num_classes is not None and len(classes.wnids) != spec.num_classes:
         raise UsageError(f"--num-classes {spec.num_classes}, but {spec.data_dir} has {len(classes.wnids)} classes")
     if spec.ra_reps:
@@ -139,7 +141,19 @@ def build_data(spec, context, log):
                      "std": [float(v) for v in spec.std], "train_crop_size": spec.train_crop_size,
                      "dataset": found.kind, "val_split": found.val_split}
     return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
-                per_rank, steps_per_epoch, preprocessing)
+                per_rank, steps_per_epoch, preprocessing, stored)
+
+
+def training_transform(spec):
+    """What each training image goes through (`spec`: a DataSpec): the random-resized crop and flip, then the
+    policy and erasing after the crop; with `train_augment` False, the validation transform."""
+    if not spec.train_augment:
+        if spec.after_crop is not None:
+            raise UsageError("--no-augment trains on centre crops: drop --auto-augment and --random-erase")
+        return eval_transform(spec.val_crop_size, spec.val_resize_size, spec.interpolation)
+    transform = TrainTransform(spec.train_crop_size, scale=(spec.crop_scale_min, 1.0), hflip=spec.hflip,
+                               interpolation=spec.interpolation)
+    return augment.Chain(transform, spec.after_crop) if spec.after_crop is not None else transform
 
 
 def check_gpu_backend(after_crop, interpolation):

@@ -55,6 +55,15 @@ def dist_loss(student_logits, teacher_logits, temperature=1.0, beta=1.0, gamma=1
     return t * t * (beta * inter + gamma * intra)
 
 
+def combine(label_loss, student_logits, teacher_logits, loss, temperature, alpha, beta, gamma):
+    """alpha * the label loss + (1 - alpha) * the distillation term `loss` names."""
+    if loss == "kd":
+        term = kd_loss(student_logits, teacher_logits, temperature)
+    else:
+        term = dist_loss(student_logits, teacher_logits, temperature, beta, gamma)
+    return alpha * label_loss + (1 - alpha) * term
+
+
 @dataclass
 class Teacher:
     """A teacher model ready to run: the module, its input normalisation and what identifies it."""
@@ -164,19 +173,27 @@ class Distillation:
             logits = self.teacher.model(inputs.to(self.device))
         return logits.to(x.device).float()
 
-    def __call__(self, label_loss, student_logits, x):
-        teacher = self.teacher_logits(x)
-        student = student_logits.float()
-        if self.loss == "kd":
-            term = kd_loss(student, teacher, self.temperature)
-        else:
-            term = dist_loss(student, teacher, self.temperature, self.beta, self.gamma)
-        return self.alpha * label_loss + (1 - self.alpha) * term
+    def __call__(self, label_loss, student_logits, x, indices=None):
+        return combine(label_loss, student_logits.float(), self.teacher_logits(x), self.loss, self.temperature,
+                       self.alpha, self.beta, self.gamma)
 
     def record(self):
         """What a checkpoint keeps about the teacher (never the teacher itself)."""
         return {"teacher": self.teacher.name, "teacher_sha256": self.teacher.sha256, "loss": self.loss,
                 "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}
+
+
+def check_classes(teacher, spec, num_classes, class_names):
+    """A teacher for another class count, or for the same classes in another order, is one line."""
+    if teacher.num_classes != num_classes:
+        raise UsageError(f"--teacher {spec}: it predicts {teacher.num_classes} classes, the student "
+                         f"{num_classes}; use a teacher trained on the same classes")
+    if teacher.class_names and class_names and len(class_names) == len(teacher.class_names):
+        ours = [str(n).lower() for n in class_names]
+        theirs = [str(n).lower() for n in teacher.class_names]
+        if ours != theirs and set(ours) == set(theirs):
+            raise UsageError(f"--teacher {spec}: its classes are the student's in another order; use a "
+                             "teacher trained with the same class order")
 
 
 def build(args, num_classes, class_names, device, log):
@@ -185,15 +202,7 @@ def build(args, num_classes, class_names, device, log):
     if not args.teacher:
         return None
     teacher = load_teacher(args.teacher, log=log)
-    if teacher.num_classes != num_classes:
-        raise UsageError(f"--teacher {args.teacher}: it predicts {teacher.num_classes} classes, the student "
-                         f"{num_classes}; use a teacher trained on the same classes")
-    if teacher.class_names and class_names and len(class_names) == len(teacher.class_names):
-        ours = [str(n).lower() for n in class_names]
-        theirs = [str(n).lower() for n in teacher.class_names]
-        if ours != theirs and set(ours) == set(theirs):
-            raise UsageError(f"--teacher {args.teacher}: its classes are the student's in another order; use a "
-                             "teacher trained with the same class order")
+    check_classes(teacher, args.teacher, num_classes, class_names)
     log(f"distillation: {args.distill_loss}, temperature {args.distill_temperature:g}, label loss weight "
         f"{args.distill_alpha:g}" + (f", beta {args.distill_beta:g}, gamma {args.distill_gamma:g}"
                                      if args.distill_loss == "dist" else ""))

@@ -308,7 +308,7 @@ def _passes(learner, group, context):
                     target = target.to(logits.dtype)
                 loss = learner.criterion(logits, target)
                 if learner.distill is not None:  # the teacher sees x: the pixels the student saw, mixed
-                    loss = learner.distill(loss, logits, x)
+                    loss = learner.distill(loss, logits, x, batch_indices)
             scaled = loss / len(group) if len(group) > 1 else loss
             with distributed.collective() if context.distributed else contextlib.nullcontext():  # DDP syncs here
                 (learner.scaler.scale(scaled) if learner.scaler is not None else scaled).backward()

@@ -16,9 +16,9 @@ import torch
 from mnv2 import checkpoint, cli, distributed, outputs, resolve
 from mnv2.data.demo import DEMO_MARKER, demo_is_complete, make_demo
 from mnv2.deploy import quantization
-from mnv2.training import distill, finetune
+from mnv2.training import distill, finetune, teacher_outputs
 from mnv2.training.config import recipe_lines
-from mnv2.training.datasets import DataSpec, build_data
+from mnv2.training.datasets import DataSpec, build_data, training_transform
 from mnv2.training.learner import build_learner, check_batchnorm_batch, probe_on_cached_features
 from mnv2.training.loop import (EpochMeter, Preempted, Progress, StopFlag, epoch_line, epoch_record, epoch_seed,
                                 train_one_epoch, validate)
@@ -64,6 +64,9 @@ def run(args, on_step=None, args_yaml=None):
     device_type = distributed.resolve_device_type(args.device)
     context = distributed.setup(device_type, args.dist_timeout)
     try:
+        if args.write_teacher_outputs:  # no training: the teacher's outputs on every training image's views
+            spec = DataSpec.from_args(args, None)
+            return teacher_outputs.write(args, spec, training_transform(spec), context, cli.logger(context.is_main))
         with StopFlag() as stop, outputs.RunDirectory(args.save_path) as run_dir:
             return train(args, context, stop, run_dir, on_step, args_yaml)
     finally:
@@ -90,10 +93,7 @@ def train(args, context, stop, run_dir, on_step=None, args_yaml=None):
         return 0
     learner = build_learner(model, args, start, context, log)
     learner, data = probe_on_cached_features(learner, data, args, context, log)
-    learner.distill = distill.build(args, learner.raw.config["num_classes"], list(data.classes.names),
-                                    context.device, log)
-    if learner.distill is not None:  # the checkpoints say which teacher taught them (never the teacher itself)
-        args.teacher_sha256 = learner.distill.teacher.sha256
+    learner.distill = distill_from(args, learner, data, context, log)
     tensorboard = open_tensorboard(save_path) if context.is_main and args.tensorboard else None
     log(run_summary(args, data, learner, context))
     if args_yaml is not None and context.is_main:  # the run is accepted: its resolved flags beside its checkpoints
@@ -127,6 +127,22 @@ def train(args, context, stop, run_dir, on_step=None, args_yaml=None):
         export_qat(qat, save_path / "model.int8.onnx", data, args, log)
     log(f"done: {args.num_epochs} epochs, best val top-1 {best_acc1:.2f}%, checkpoints in {save_path}")
     return 0
+
+
+def distill_from(args, learner, data, context, log):
+    """The distillation term: an online --teacher, or the stored --teacher-outputs (None without either). The
+    checkpoints say which teacher or which stored outputs taught them (never the teacher itself)."""
+    if data.stored is not None:
+        args.__dict__.update(data.stored.record())
+        log(f"distillation: {args.distill_loss} from stored outputs, temperature {args.distill_temperature:g}, "
+            f"label loss weight {args.distill_alpha:g}")
+        return teacher_outputs.StoredDistillation(data.stored, args.distill_loss, args.distill_temperature,
+                                                  args.distill_alpha, args.distill_beta, args.distill_gamma)
+    distillation = distill.build(args, learner.raw.config["num_classes"], list(data.classes.names), context.device,
+                                 log)
+    if distillation is not None:
+        args.teacher_sha256 = distillation.teacher.sha256
+    return distillation
 
 
 def save_and_stop(learner, data, epoch, step, best_acc1, metrics, run_id, args, meter, stop, context):
@@ -233,6 +249,8 @@ def begin_epoch(epoch, start_step, ckpt, data, seed, context):
         checkpoint.seed_everything(epoch_seed(seed, epoch, context.rank))
         meter = EpochMeter()
     data.sampler.set_epoch(epoch, skip=start_step * data.batch_per_rank)
+    if data.stored is not None:
+        data.stored.set_epoch(epoch)
     return meter
 
 
