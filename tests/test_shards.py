@@ -24,6 +24,7 @@ import read_ImageNetData
 import train
 from mnv2.data import archives, folders, shards
 from mnv2.data.demo import make_folder_demo
+from mnv2.data.loaders import TrainSampler
 from mnv2.data.ranges import CACHE_ENV, CACHE_SIZE_ENV, Cache, read_bytes
 
 BATCH = 8
@@ -171,26 +172,39 @@ def trained_on_folders(demo_data, tmp_path_factory, one_thread):
 @pytest.mark.slow
 def test_one_epoch_from_shards_gives_the_weights_of_one_epoch_from_folders(demo_shards, trained_on_folders, tmp_path,
                                                                            one_thread):
-    assert helpers.run_main(train, train_args(demo_shards, tmp_path, "--num-workers", "1")) == 0
+    assert helpers.run_main(train, train_args(demo_shards, tmp_path)) == 0
     from_shards, from_folders = helpers.load_checkpoint(tmp_path / "last.pth"), \
         helpers.load_checkpoint(trained_on_folders)
     helpers.assert_same_tensors(from_shards["model"], from_folders["model"])
     helpers.assert_same_tensors(from_shards["optimizer"], from_folders["optimizer"])
 
 
-@pytest.mark.slow
-def test_a_mid_epoch_resume_from_shards_is_bit_exact(demo_shards, trained_on_folders, tmp_path, one_thread):
+def preempted_and_resumed(data, out):
+    """A run stopped by SIGTERM after its third step, then resumed: (its checkpoint, the indices it consumed)."""
     import signal
+    consumed = []
 
     def preempt(epoch, step, indices):
+        consumed.extend(indices.tolist())
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert helpers.run_main(train, train_args(demo_shards, tmp_path), on_step=preempt) == 128 + signal.SIGTERM
-    assert helpers.load_checkpoint(tmp_path / "last.pth")["step"] == 2
-    assert helpers.run_main(train, train_args(demo_shards, tmp_path, "--resume", "auto")) == 0
-    resumed = helpers.load_checkpoint(tmp_path / "last.pth")
-    helpers.assert_same_tensors(resumed["model"], helpers.load_checkpoint(trained_on_folders)["model"])
+    assert helpers.run_main(train, train_args(data, out), on_step=preempt) == 128 + signal.SIGTERM
+    assert 0 < helpers.load_checkpoint(out / "last.pth")["step"] < 5  # stopped mid-epoch
+    assert helpers.run_main(train, train_args(data, out, "--resume", "auto"),
+                            on_step=lambda epoch, step, indices: consumed.extend(indices.tolist())) == 0
+    return helpers.load_checkpoint(out / "last.pth"), consumed
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_from_shards_is_bit_exact(demo_data, demo_shards, tmp_path, one_thread):
+    from_shards, seen = preempted_and_resumed(demo_shards, tmp_path / "shards")
+    from_folders, seen_folders = preempted_and_resumed(demo_data, tmp_path / "folders")
+    sampler = TrainSampler(40, seed=0)
+    sampler.set_epoch(0)
+    assert seen == seen_folders == list(sampler)  # every sample of the epoch once, in the sampler's order
+    for key in ("model", "optimizer", "sampler", "step", "epoch"):
+        helpers.assert_same_tensors(from_shards[key], from_folders[key])
 
 
 def predictions(path):
