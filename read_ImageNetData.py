@@ -94,37 +94,6 @@ def write_shards(args, packed):
         sys.exit(1)
 
 
-def describe_packed(args, packed):
-    """The summary, --list or --check of a shard set or of the official archives."""
-    classes = packed.classes
-    if args.list:
-        ids = folders.identities(classes)
-        lines = (f"{member}\t{label}\t{ids[label]}" for member, label in packed.splits.get(args.list, []))
-        try:
-            sys.stdout.writelines(line + "\n" for line in lines)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return
-    print(f"{packed.where}: {packed.kind}, {len(classes.names)} classes in {classes.order} order "
-          f"(index 0 = {classes.wnids[0] or classes.names[0]} {classes.names[0]}); "
-          + " / ".join(f"{len(s)} {split}" for split, s in packed.splits.items()) + " images")
-    if args.check:
-        bad = (shards.verify(args.data_dir) if packed.kind == "shards" else
-               [b for b in (_check_member(m) for s in packed.splits.values() for m, _ in s) if b])
-        print(f"check: {len(bad)} problem(s)" + "".join("\n" + b for b in bad))
-        if bad:
-            sys.exit(1)
-
-
-def _check_member(member):
-    try:
-        decode_rgb(member.read())
-    except Exception as e:
-        return f"{member}\t{type(e).__name__}: {e}"
-    return None
-
-
 def main(args):
     parser = get_args_parser()
     if args.make_demo is None and args.data_dir is None:
@@ -142,18 +111,26 @@ def main(args):
         packed = shards.open_data(args.data_dir, args.class_order, note=print)
         if args.write_shards is not None:
             return write_shards(args, packed)
-        if packed is not None:
-            return describe_packed(args, packed)
-        if not folders.is_imagenet_layout(args.data_dir):
+        if packed is not None and not args.list:
+            print(shards.summary(packed))
+            if args.check:
+                bad = shards.check(packed)
+                print(f"check: {len(bad)} problem(s)" + "".join("\n" + b for b in bad))
+                if bad:
+                    sys.exit(1)
+            return
+        if packed is None and not folders.is_imagenet_layout(args.data_dir):
             data = folders.build_datasets(args.data_dir, val_split=args.val_split, seed=args.seed,
                                           num_classes=args.num_classes)
             print("\n".join(folders.summarize(args.data_dir, data)))
             return
-        layout = find_layout(args.data_dir)
-        classes = read_classes(layout, args.class_order)
+        if packed is None:
+            layout = find_layout(args.data_dir)
+            classes = read_classes(layout, args.class_order)
         if args.list:
-            lines = (f"{os.path.relpath(path, layout.root)}\t{label}\t{classes.wnids[label]}"
-                     for path, label in list_samples(layout, args.list, classes))
+            lines = shards.listing(packed, args.list) if packed is not None else (
+                f"{os.path.relpath(path, layout.root)}\t{label}\t{classes.wnids[label]}"
+                for path, label in list_samples(layout, args.list, classes))
             try:
                 sys.stdout.writelines(line + "\n" for line in lines)
                 sys.stdout.flush()

@@ -400,6 +400,34 @@ def _finish(out, jobs, classes, digest):
     return sum(e["num_samples"] for e in splits.values()), rejected
 
 
+def summary(packed):
+    """One line: what the packed data is, its classes and images per split."""
+    classes = packed.classes
+    return (f"{packed.where}: {packed.kind}, {len(classes.names)} classes in {classes.order} order (index 0 = "
+            f"{classes.wnids[0] or classes.names[0]} {classes.names[0]}); "
+            + " / ".join(f"{len(s)} {split}" for split, s in packed.splits.items()) + " images")
+
+
+def listing(packed, split):
+    """Lines 'member<TAB>class index<TAB>WNID or class name' of one split (read_ImageNetData.py --list)."""
+    ids = folders.identities(packed.classes)
+    return (f"{member}\t{label}\t{ids[label]}" for member, label in packed.splits.get(split, []))
+
+
+def check(packed):
+    """A shard set: every shard against SHA256SUMS; the archives: every image decoded. One line per problem."""
+    if packed.kind == "shards":
+        return verify(packed.where)
+    bad = []
+    for samples in packed.splits.values():
+        for member, _ in samples:
+            try:
+                transforms.decode_rgb(member.read())
+            except Exception as e:  # any decoder error is one line of the report
+                bad.append(f"{member}\t{type(e).__name__}: {e}")
+    return bad
+
+
 def verify(location, log=print):
     """Read every shard in full against SHA256SUMS' digests: [one line per shard that differs]."""
     packed_base = _base(location)
