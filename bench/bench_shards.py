@@ -4,8 +4,8 @@ shard-writing rate.
 The same images (real ImageNet photos when --images names them) are laid out as class folders, written as a
 shard set (read_ImageNetData.py --write-shards), and read by the training dataset (RandomResizedCrop + flip,
 uint8 out) through the same sampler, one process, one thread, alternating repeats. A third side reads the
-shards over HTTP from a server on 127.0.0.1 (one ranged GET per image, the cache off): what a remote set
-costs besides the network's own latency and bandwidth.
+shards over HTTP from a server on 127.0.0.1 in another process (one ranged GET per image, the cache off):
+what a remote set costs this process besides the network's own latency and bandwidth.
 
 Usage: python bench/bench_shards.py --images ../shared/imagenet_samples [--repeats 5] [--json out.json]
 """
@@ -17,7 +17,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_data  # noqa: E402
+from mnv2 import distributed  # noqa: E402
 from mnv2.data import folders, loaders, shards  # noqa: E402
 
 
@@ -39,6 +40,9 @@ def make_folders(paths, root):
 
 
 class _RangeHandler(http_server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # kept-alive connections, as object stores and CDNs keep them
+    disable_nagle_algorithm = True  # the headers and the body leave at once, as from a real server
+
     def log_message(self, *args):
         pass
 
@@ -54,6 +58,22 @@ class _RangeHandler(http_server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def _serve(folder, port):
+    """Serve `folder` with Range requests answered, until killed (in its own process: its work is not timed)."""
+    http_server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_RangeHandler, directory=folder)).serve_forever()
+
+
+def _wait_for(url, seconds=30):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return shards.open_shards(url)
+        except shards.DataError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _loader(dataset, batch_size):
@@ -78,10 +98,11 @@ def run(images=None, repeats=5, limit=0, batch_size=32, input_size=224, seed=0, 
         sides = {"folders": data.train, "shards": shards.build_datasets(tmp / "wds", input_size=input_size).train}
         server = None
         if http:
-            server = http_server.ThreadingHTTPServer(
-                ("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(tmp / "wds")))
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            remote = shards.open_shards(f"http://127.0.0.1:{server.server_address[1]}/")
+            port = distributed.free_port()
+            server = multiprocessing.get_context("spawn").Process(target=_serve, args=(str(tmp / "wds"), port),
+                                                                  daemon=True)
+            server.start()
+            remote = _wait_for(f"http://127.0.0.1:{port}/")
             remote.splits["train"][0][0].store.cache = None  # one store for all members: every read goes to the server
             sides["http"] = loaders.ImageNetDataset(remote.splits["train"], data.train.transform, train=True)
         try:
@@ -95,8 +116,8 @@ def run(images=None, repeats=5, limit=0, batch_size=32, input_size=224, seed=0, 
                     speeds[side].append(bench_data._images_per_s(_loader(ds, batch_size)))
         finally:
             if server is not None:
-                server.shutdown()
-                server.server_close()
+                server.terminate()
+                server.join()
     folder_rate = statistics.median(speeds["folders"])
     rows = {}
     for side, name in (("shards", "input pipeline train from shards vs folders (per core)"),
