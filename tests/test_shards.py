@@ -259,8 +259,26 @@ def test_a_two_process_ddp_epoch_from_shards_sees_every_sample_exactly_once(demo
     assert len(seen) == len(expected) == 40 and sorted(seen) == sorted(expected)
 
 
+@pytest.mark.slow
+def test_quantize_on_shards_writes_the_int8_file_it_writes_on_folders(demo_data, demo_shards, trained_on_folders,
+                                                                      tmp_path, one_thread):
+    pytest.importorskip("onnxruntime")
+    import quantize
+    results = {}
+    for name, data in (("folders", demo_data), ("shards", demo_shards)):
+        code, err, _ = helpers.run_script(quantize, "--weights", trained_on_folders, "--data-dir", data, "--out",
+                                          tmp_path / f"{name}.onnx", "--calibration-images", "8", "--num-workers",
+                                          "0", "--no-progress", "--json", tmp_path / f"{name}.json")
+        assert code == 0, err
+        accuracy = json.loads((tmp_path / f"{name}.json").read_text())["accuracy"]
+        results[name] = {k: {m: v for m, v in r.items() if m not in ("seconds", "images_per_s")}
+                         if isinstance(r, dict) else r for k, r in accuracy.items()}
+    assert (tmp_path / "shards.onnx").read_bytes() == (tmp_path / "folders.onnx").read_bytes()  # same calibration
+    assert results["shards"] == results["folders"]
+
+
 # ----------------------------------------------------------------------------------------------------
-# Over HTTP
+# Over HTTP and fsspec URLs
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
@@ -317,6 +335,18 @@ def test_evaluation_over_http_equals_evaluation_on_folders(demo_data, served, tr
                                                            tmp_path, one_thread):
     assert score(trained_on_folders, served, tmp_path / "http.csv") == \
         score(trained_on_folders, demo_data, tmp_path / "folders.csv")
+
+
+def test_shards_read_from_an_fsspec_url_give_the_local_images_and_labels(demo_shards, no_cache_outside):
+    fsspec = pytest.importorskip("fsspec")
+    memory, root = fsspec.filesystem("memory"), f"/wds-{os.getpid()}"
+    try:
+        for f in demo_shards.iterdir():
+            memory.pipe(f"{root}/{f.name}", f.read_bytes())
+        remote = shards.open_data(f"memory://{root}/")
+        assert pairs(remote.splits["val"]) == pairs(shards.open_data(demo_shards).splits["val"])
+    finally:
+        memory.rm(root, recursive=True)
 
 
 # ----------------------------------------------------------------------------------------------------
