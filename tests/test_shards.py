@@ -3,6 +3,7 @@ as the folders they came from, the same training and scores, exact resume, DDP, 
 
     python -m pytest tests/test_shards.py -q
 """
+import contextlib
 import csv
 import functools
 import gzip
@@ -10,6 +11,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import tarfile
 import textwrap
 import threading
@@ -22,10 +24,11 @@ import evaluate
 import helpers
 import read_ImageNetData
 import train
-from mnv2.data import archives, folders, shards
+from mnv2 import cli
+from mnv2.data import archives, folders, loaders, shards, transforms
 from mnv2.data.demo import make_folder_demo
 from mnv2.data.loaders import TrainSampler
-from mnv2.data.ranges import CACHE_ENV, CACHE_SIZE_ENV, Cache, read_bytes
+from mnv2.data.ranges import CACHE_ENV, CACHE_SIZE_ENV, Cache, SourceError, read_bytes
 
 BATCH = 8
 
@@ -306,10 +309,10 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def served(demo_shards):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler,
-                                                                                 directory=str(demo_shards)))
+@contextlib.contextmanager
+def serve(folder):
+    """An HTTP server on 127.0.0.1 for `folder`, in a thread, shut down on the way out: its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -320,6 +323,12 @@ def served(demo_shards):
         thread.join()
 
 
+@pytest.fixture
+def served(demo_shards):
+    with serve(demo_shards) as url:
+        yield url
+
+
 def test_shards_read_over_http_give_the_local_images_and_labels_through_a_bounded_cache(
         demo_shards, served, no_cache_outside, monkeypatch):
     monkeypatch.setenv(CACHE_SIZE_ENV, "0.000008")  # 8 kB: less than the data, so old entries must leave
@@ -328,6 +337,22 @@ def test_shards_read_over_http_give_the_local_images_and_labels_through_a_bounde
     assert pairs(remote.splits["val"]) == pairs(local.splits["val"])
     assert pairs(remote.splits["train"]) == pairs(local.splits["train"])
     assert 0 < Cache.default().used() <= 8000
+
+
+def test_a_shard_gone_from_the_server_stops_the_loader_in_one_line_never_a_skipped_image(demo_shards, tmp_path,
+                                                                                         no_cache_outside):
+    copy = tmp_path / "wds"
+    shutil.copytree(demo_shards, copy)
+    with serve(copy) as url:
+        remote = shards.open_data(url)
+        gone = sorted(copy.glob("*-validation-*.tar"))[-1]
+        gone.unlink()
+        val = loaders.ImageNetDataset(remote.splits["val"], transforms.eval_transform(32, 32), train=False)
+        with pytest.raises(SourceError) as raised:
+            for _ in loaders.build_loader(val, 4, loaders.EvalSampler(len(val)), num_workers=1):
+                pass
+    line = cli.own_message(raised.value)
+    assert "\n" not in line and line.startswith(f"{url}{gone.name}: missing (HTTP 404)")
 
 
 @pytest.mark.slow
@@ -412,9 +437,7 @@ def test_train_py_trains_on_the_official_archives(demo_data, trained_on_folders,
 
 def test_a_truncated_shard_is_refused_in_one_line_naming_it_and_the_offset(demo_shards, tmp_path):
     copy = tmp_path / "wds"
-    copy.mkdir()
-    for f in demo_shards.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(demo_shards, copy)
     shard = sorted(copy.glob("*-validation-*.tar"))[0]
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
