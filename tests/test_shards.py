@@ -6,7 +6,6 @@ as the folders they came from, the same training and scores, exact resume, DDP, 
 import contextlib
 import csv
 import functools
-import gzip
 import http.server
 import io
 import json
@@ -18,7 +17,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 import evaluate
 import helpers
