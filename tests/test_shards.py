@@ -353,6 +353,17 @@ def test_a_shard_gone_from_the_server_stops_the_loader_in_one_line_never_a_skipp
     assert "\n" not in line and line.startswith(f"{url}{gone.name}: missing (HTTP 404)")
 
 
+def test_the_cache_keeps_the_recently_used_ranges_within_its_bound(tmp_path):
+    cache = Cache(tmp_path / "cache", 3000)
+    for k in range(3):
+        cache.put(f"range {k}", bytes([k]) * 1000)
+        os.utime(cache._path(f"range {k}"), ns=(10**9 * (k + 1),) * 2)  # written in this order, long ago
+    assert cache.get("range 0") == bytes(1000)  # used again: now the most recent
+    cache.put("range 3", bytes([3]) * 1000)  # over the bound: the least recently used leave
+    assert [cache.get(f"range {k}") is not None for k in range(4)] == [True, False, False, True]
+    assert cache.used() <= 3000
+
+
 @pytest.mark.slow
 def test_evaluation_over_http_equals_evaluation_on_folders(demo_data, served, trained_on_folders, no_cache_outside,
                                                            tmp_path, one_thread):

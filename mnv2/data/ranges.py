@@ -63,7 +63,7 @@ class Cache:
 
     def __init__(self, folder, limit_bytes):
         self.folder, self.limit = Path(folder).expanduser(), int(limit_bytes)
-        self._used = None
+        self._used, self._written = None, 0
 
     @classmethod
     def default(cls):
@@ -91,10 +91,12 @@ class Cache:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-        if self._used is None:
-            self._used = self.used()
-        self._used += len(data)
-        if self._used > self.limit:
+        # Several loader processes fill one folder: each counts the folder again after writing a twentieth of
+        # the bound, so together they overshoot it by at most (processes / 20) of it before a trim.
+        self._written += len(data)
+        if self._used is None or self._written > self.limit / 20:
+            self._used, self._written = self.used(), 0
+        if self._used + self._written > self.limit:
             self.trim(int(self.limit * 0.9))
 
     def entries(self):
@@ -124,7 +126,7 @@ class Cache:
             except OSError:
                 pass
             used -= size
-        self._used = used
+        self._used, self._written = used, 0
 
 
 class Store:

@@ -188,7 +188,8 @@ def _index_local_set(base, splits_info, cache, note):
     shards = {}
     for name in names:
         where = f"{base}/{name}"
-        _check_size(where, os.path.getsize(where) if os.path.exists(where) else -1)
+        if not os.path.isfile(where):
+            raise SourceError(f"{where}: missing ({INFO} lists it); restore it")
         with open(where, "rb") as f:
             shards[name] = {"bytes": os.fstat(f.fileno()).st_size, "sha256": None,
                             "samples": _samples_of_tar(f, where)}
@@ -250,7 +251,7 @@ def plan(samples, shard_bytes):
 
 def _plan_digest(jobs, classes):
     h = hashlib.sha256(json.dumps([classes.order, classes.wnids, classes.names]).encode())
-    for name, _, group, _ in jobs:
+    for name, _, group in jobs:
         h.update(json.dumps([name, [(str(r), label, key) for r, label, key in group]]).encode())
     return h.hexdigest()
 
@@ -335,7 +336,7 @@ def write_shards(out, classes, splits, *, root, prefix="imagenet1k", shard_mb=DE
         keys = sample_keys([r for r, _ in samples])
         groups = plan([(r, label, k) for (r, label), k in zip(samples, keys)], shard_mb * 1e6)
         width = max(4, len(str(len(groups) - 1)))
-        jobs += [(f"{prefix}-{SPLIT_NAMES[split]}-{k:0{width}d}.tar", split, g, None) for k, g in enumerate(groups)]
+        jobs += [(f"{prefix}-{SPLIT_NAMES[split]}-{k:0{width}d}.tar", split, g) for k, g in enumerate(groups)]
     if not jobs:
         raise DataError(f"{root}: no images to write")
     digest = _plan_digest(jobs, classes)
@@ -355,7 +356,7 @@ def write_shards(out, classes, splits, *, root, prefix="imagenet1k", shard_mb=DE
     _write_text(plan_file, digest)
     identities = folders.identities(classes)
     done = {p.name[:-len(".json.gz")] for p in (out / PARTS).glob("*.json.gz")}
-    todo = [(out, name, group, identities, root) for name, _, group, _ in jobs
+    todo = [(out, name, group, identities, root) for name, _, group in jobs
             if name not in done or not (out / name).is_file()]
     if len(todo) < len(jobs):
         log(f"{out}: {len(jobs) - len(todo)} of {len(jobs)} shards were written before; writing the other {len(todo)}")
@@ -375,11 +376,11 @@ def write_shards(out, classes, splits, *, root, prefix="imagenet1k", shard_mb=DE
 
 def _finish(out, jobs, classes, digest):
     records = {}
-    for name, _, _, _ in jobs:
+    for name, _, _ in jobs:
         with gzip.open(out / PARTS / f"{name}.json.gz", "rt", encoding="utf-8") as f:
             records[name] = json.load(f)
     splits = {}
-    for name, split, _, _ in jobs:
+    for name, split, _ in jobs:
         entry = splits.setdefault(SPLIT_NAMES[split], {"name": SPLIT_NAMES[split], "filenames": [],
                                                        "shard_lengths": [], "num_samples": 0})
         entry["filenames"].append(name)
@@ -428,7 +429,7 @@ def check(packed):
     return bad
 
 
-def verify(location, log=print):
+def verify(location):
     """Read every shard in full against SHA256SUMS' digests: [one line per shard that differs]."""
     packed_base = _base(location)
     store = Store(None)  # read through, never into the cache
