@@ -80,6 +80,10 @@ def test_shards_list_the_same_images_and_labels_as_the_folders_they_were_written
         entry = info["splits"][split]
         assert entry["name"] == split and entry["num_samples"] == sum(entry["shard_lengths"])
         assert all((out / f).is_file() for f in entry["filenames"])
+    prefix = info["splits"]["train"]["filenames"][0].rsplit("-", 2)[0]
+    wids = json.loads((out / f"{prefix}-train.wids.json").read_text())
+    assert [(s["url"], s["nsamples"]) for s in wids["shardlist"]] == \
+        list(zip(info["splits"]["train"]["filenames"], info["splits"]["train"]["shard_lengths"]))
     sums = dict(line.split()[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
     assert set(sums) == set(info["splits"]["train"]["filenames"] + info["splits"]["validation"]["filenames"])
 

@@ -394,6 +394,12 @@ def _finish(out, jobs, classes, digest):
     _write_json_gz(out / INDEX, {"version": INDEX_VERSION, "shards": {
         name: {k: rec[k] for k in ("bytes", "sha256", "samples")} for name, rec in records.items()}})
     _write_text(out / SUMS, "".join(f"{rec['sha256']}  {name}\n" for name, rec in records.items()))
+    prefix = jobs[0][0].rsplit("-", 2)[0]
+    for split, entry in splits.items():  # the shard list webdataset's indexed reader (wids) opens
+        _write_text(out / f"{prefix}-{split}.wids.json", json.dumps({
+            "wids_version": 1, "name": f"{out.name} {split}",
+            "shardlist": [{"url": name, "nsamples": len(records[name]["samples"]), "filesize": records[name]["bytes"]}
+                          for name in entry["filenames"]]}, indent=1) + "\n")
     if rejected:
         _write_text(out / REJECTED, "".join(f"{src}\t{error}\n" for src, error in rejected))
     _write_text(out / INFO, json.dumps(info, indent=1) + "\n")  # last: its presence says the set is complete
