@@ -430,6 +430,8 @@ def test_the_official_archives_read_as_they_are_give_the_extracted_images_and_la
     again = shards.open_data(root, order, note=notes.append)
     assert len(notes) == 3 and "made of another" in notes[-1]
     assert pairs(again.splits["val"]) == pairs(expected.val.samples)
+    (root / "ILSVRC2012_img_val").mkdir()  # extracted beside the archives: the extracted copy is read
+    assert shards.open_data(root, order) is None
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnv2.data.imagenet import (CLASS_ORDERS, GROUND_TRUTH_NAME, VAL_NAME, WNID, DataError, classes_from_leaves,
+from mnv2.data.imagenet import (CLASS_ORDERS, GROUND_TRUTH_NAME, SPLIT_DIRS, VAL_NAME, WNID, DataError, classes_from_leaves,
                                 is_image, read_ground_truth, read_meta_mat)
 from mnv2.data.ranges import Cache, Member, SourceError, Store, is_url
 
@@ -43,7 +43,12 @@ class Packed:
 
 
 def is_archive_folder(location):
-    return not is_url(location) and any((Path(location) / n).is_file() for n in (TRAIN_TAR, VAL_TAR))
+    """The archives, and no extracted copy beside them (that one is read as before: no index to build)."""
+    if is_url(location):
+        return False
+    root = Path(location)
+    extracted = any((root / d).is_dir() for names in SPLIT_DIRS.values() for d in names)
+    return not extracted and any((root / n).is_file() for n in (TRAIN_TAR, VAL_TAR))
 
 
 # --------------------------------------------------------------------------------------------------
