@@ -62,13 +62,13 @@ def no_cache_outside(tmp_path, monkeypatch):
 def test_shards_list_the_same_images_and_labels_as_the_folders_they_were_written_from(layout, tmp_path):
     if layout == "class-folders":
         source = make_folder_demo(tmp_path / "digits", per_class=3)
-        flags = ("--val-split", "0.34")
+        flags = ("--val-split", "0.34", "-j", "2")  # two shards at a time
     else:
         source = helpers.make_fake_imagenet(tmp_path / "inet", layout=layout.split("-")[0],
                                             val_folders=layout.endswith("folders"))["root"]
         flags = ()
     out = write_shards(source, tmp_path / "wds", *flags)
-    expected = folders.build_datasets(source, val_split=0.34 if flags else None)
+    expected = folders.build_datasets(source, val_split=0.34 if layout == "class-folders" else None)
     packed = shards.open_data(out)
     assert len(list(out.glob("*-train-*.tar"))) > 1  # several shards: the order across them counts too
     assert pairs(packed.splits["train"]) == pairs(expected.train.samples)
@@ -341,8 +341,8 @@ def test_shards_read_over_http_give_the_local_images_and_labels_through_a_bounde
     assert 0 < Cache.default().used() <= 8000
 
 
-def test_a_shard_gone_from_the_server_stops_the_loader_in_one_line_never_a_skipped_image(demo_shards, tmp_path,
-                                                                                         no_cache_outside):
+def test_a_shard_gone_or_cut_on_the_server_is_one_line_naming_it_and_the_byte(demo_shards, tmp_path,
+                                                                              no_cache_outside):
     copy = tmp_path / "wds"
     shutil.copytree(demo_shards, copy)
     with serve(copy) as url:
@@ -355,6 +355,13 @@ def test_a_shard_gone_from_the_server_stops_the_loader_in_one_line_never_a_skipp
                 pass
     line = cli.own_message(raised.value)
     assert "\n" not in line and line.startswith(f"{url}{gone.name}: missing (HTTP 404)")
+    cut = sorted(copy.glob("*-train-*.tar"))[0]
+    member = next(m for m, _ in remote.splits["train"] if m.location.endswith(cut.name))
+    with open(cut, "r+b") as f:
+        f.truncate(member.offset + member.size // 2)
+    with serve(copy) as url, pytest.raises(SourceError, match=f"truncated: {member.size // 2} of the {member.size} "
+                                                             f"bytes at byte {member.offset}"):
+        shards.open_data(url).splits["train"][0][0].read()
 
 
 def test_the_cache_keeps_the_recently_used_ranges_within_its_bound(tmp_path):
