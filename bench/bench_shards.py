@@ -62,7 +62,8 @@ class _RangeHandler(http_server.SimpleHTTPRequestHandler):
 
 def _serve(folder, port):
     """Serve `folder` with Range requests answered, until killed (in its own process: its work is not timed)."""
-    http_server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_RangeHandler, directory=folder)).serve_forever()
+    handler = functools.partial(_RangeHandler, directory=folder)
+    http_server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
 
 
 def _wait_for(url, seconds=30):

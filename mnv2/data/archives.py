@@ -19,8 +19,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnv2.data.imagenet import (CLASS_ORDERS, GROUND_TRUTH_NAME, SPLIT_DIRS, VAL_NAME, WNID, DataError, classes_from_leaves,
-                                is_image, read_ground_truth, read_meta_mat)
+from mnv2.data.imagenet import (CLASS_ORDERS, GROUND_TRUTH_NAME, SPLIT_DIRS, VAL_NAME, WNID, DataError,
+                                classes_from_leaves, is_image, read_ground_truth, read_meta_mat)
 from mnv2.data.ranges import Cache, Member, SourceError, Store, is_url
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"

@@ -100,7 +100,8 @@ def choose_images(args, resolved, log):
     packed = evaluation.open_packed(args.data_dir, order, log)
     if packed is not None:  # a shard set or the official archives: labels mapped to the weights' classes
         to_model, classes = evaluation.packed_labels(packed, meta, order, num_classes, log)
-        train, val = ([(m, to_model[label]) for m, label in packed.splits.get(split) or []] for split in ("train", "val"))
+        train, val = ([(m, to_model[label]) for m, label in packed.splits.get(split) or []]
+                      for split in ("train", "val"))
         deployed = {"order": order, "wnids": list(classes.wnids) if all(classes.wnids) else None,
                     "names": list(classes.names)}
         return (deployed, *pick_images(train, val, args.data_dir, args.calibration_images, args.max_images,
