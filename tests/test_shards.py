@@ -184,6 +184,15 @@ def test_one_epoch_from_shards_gives_the_weights_of_one_epoch_from_folders(demo_
     helpers.assert_same_tensors(from_shards["optimizer"], from_folders["optimizer"])
 
 
+@pytest.mark.slow
+def test_the_gpu_data_backend_reads_shards_as_it_reads_folders(demo_data, demo_shards, tmp_path, one_thread):
+    """--data-backend gpu (checked on the CPU): the loader hands over a shard member's bytes as a file's."""
+    for name, data in (("folders", demo_data), ("shards", demo_shards)):
+        assert helpers.run_main(train, train_args(data, tmp_path / name, "--data-backend", "gpu")) == 0
+    helpers.assert_same_tensors(helpers.load_checkpoint(tmp_path / "shards" / "last.pth")["model"],
+                                helpers.load_checkpoint(tmp_path / "folders" / "last.pth")["model"])
+
+
 def preempted_and_resumed(data, out):
     """A run stopped by SIGTERM after its third step, then resumed: (its checkpoint, the indices it consumed)."""
     import signal
