@@ -49,10 +49,11 @@ def get_args_parser(add_help=True):
                    help="where named public weights are stored")
 
     data = p.add_argument_group("data (named as in train.py)")
-    data.add_argument("--data-dir", type=Path, default=None,
+    data.add_argument("--data-dir", type=cli.data_location, default=None,
                       help="ImageNet root (devkit + val images), or a folder of classes (D/val/<class>/, or "
                            "D/<class>/: the images a checkpoint held out with --val-split, else all), matched to "
-                           "the weights' classes by name")
+                           "the weights' classes by name; or a shard set (folder, http(s):// or fsspec URL) or the folder "
+                           "of the official ILSVRC2012 archives (docs/shards.md)")
     data.add_argument("--batch-size", "-b", type=cli.positive_int, default=64)
     data.add_argument("--num-workers", "--workers", "-j", dest="num_workers", type=cli.non_negative_int, default=min(8, os.cpu_count() or 1),
                       help="loader processes per evaluation process (default: min(8, CPU count), as train.py)")

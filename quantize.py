@@ -43,9 +43,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--out", type=Path, default=None, help="the INT8 ONNX file to write (*.onnx)")
 
     data = p.add_argument_group("data (named as in evaluate.py)")
-    data.add_argument("--data-dir", type=Path, required=True,
+    data.add_argument("--data-dir", type=cli.data_location, required=True,
                       help="ImageNet root: calibration images come from train/, scores from val/ (without "
-                           "train images, a part of val calibrates and the rest is scored)")
+                           "train images, a part of val calibrates and the rest is scored); or a shard set (folder or URL) "
+                           "or the folder of the official archives (docs/shards.md)")
     data.add_argument("--calibration-images", type=cli.positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                       help="training images the activation ranges are calibrated on, drawn at random with "
                            f"--seed (default {DEFAULT_CALIBRATION_IMAGES}; not yet measured on ImageNet weights here: "

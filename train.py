@@ -34,7 +34,9 @@ def get_args_parser(add_help=True):
     seed = p.add_argument_group("the seed's flags (same meaning)")
     seed.add_argument("--data-dir", default="/ImageNet",
                       help="ImageNet root in the seed's layout or train/ + val/; or any folder of classes: "
-                           "D/train/<class>/ + D/val/<class>/, or D/<class>/ with --val-split")
+                           "D/train/<class>/ + D/val/<class>/, or D/<class>/ with --val-split; or a shard set (a folder, "
+                           "an http(s):// or fsspec URL) or the folder of the official ILSVRC2012 archives "
+                           "(docs/shards.md)")
     seed.add_argument("--batch-size", "-b", type=cli.positive_int, default=256,
                       help="global batch, split evenly over the processes (seed)")
     seed.add_argument("--num-classes", "--num-class", dest="num_classes", type=cli.positive_int, default=None,

@@ -6,6 +6,8 @@ reference, in one run, as one table.
 Rows (ratio = ours / reference for speeds, reference / ours for latencies, so above 1 is always better):
   * input pipeline, train and eval transforms: read_ImageNetData's loaders vs torchvision ImageFolder with
     the standard transforms, images/s on one core (bench_data.py);
+  * input pipeline from shards: the training dataset reading tar shards (local, and over HTTP on
+    127.0.0.1) vs reading the same images as files, and the shard-writing rate (bench_shards.py);
   * training step: loop.train_one_epoch on this repo's model vs torchvision's mobilenet_v2 in a plain
     eager NCHW fp32 loop, same batches (bench_train.py);
   * evaluation: evaluate() on the inference-prepared model vs the same plain loop, logits within 1e-4
@@ -42,6 +44,7 @@ sys.path.insert(0, str(BENCH))
 import bench_data  # noqa: E402
 import bench_eval  # noqa: E402
 import bench_int8  # noqa: E402
+import bench_shards  # noqa: E402
 import bench_train  # noqa: E402
 
 from mnv2 import checkpoint  # noqa: E402
@@ -54,7 +57,7 @@ from mnv2.training import loop, recipes  # noqa: E402
 from mnv2.training.learner import Learner
 from MobileNetV2 import MobileNetV2  # noqa: E402
 
-SECTIONS = ("data", "train", "eval", "onnx", "int8", "epoch", "loader", "decode")
+SECTIONS = ("data", "shards", "train", "eval", "onnx", "int8", "epoch", "loader", "decode")
 # Settings per mode. quick: under two minutes on two busy cores, for smoke tests; default: stable medians.
 SETTINGS = {
     "quick": dict(data_repeats=1, data_limit=32, train_batch=8, train_size=128, train_steps=2, train_rounds=2,
@@ -84,6 +87,19 @@ def data_rows(images, s, threads):
              "input pipeline train ta_wide+erase (per core)": "torchvision-v2's 176 px crop+flip, TrivialAugmentWide, "
                                                               "erase 0.1: uint8 out vs torchvision v2 on PIL",
              "input pipeline eval identical to torchvision": "images with exactly torchvision's pixels"}
+    return {name: _row(r["ratio"], r["ours"], r["reference"], r["unit"], notes.get(name, ""))
+            for name, r in rows.items()}
+
+
+def shard_rows(images, s, threads):
+    rows = bench_shards.run(images, repeats=s["data_repeats"], limit=s["data_limit"])
+    torch.set_num_threads(threads)  # bench_shards pins one thread for its per-core figures
+    notes = {"input pipeline train from shards vs folders (per core)":
+             "RandomResizedCrop+flip from tar shards through the member index vs the same files",
+             "input pipeline train from shards over HTTP 127.0.0.1 vs folders (per core)":
+             "one ranged GET per image, server in the same process, cache off",
+             "shard writing vs the folder training pipeline (per core)":
+             "read_ImageNetData.py --write-shards (every image decoded once) vs one pass of training reads"}
     return {name: _row(r["ratio"], r["ours"], r["reference"], r["unit"], notes.get(name, ""))
             for name, r in rows.items()}
 
@@ -371,6 +387,7 @@ def run_suite(args, log=print):
             problems.append(f"{name}: logits differ from the reference by {diff:.2e} > 1e-4")
 
     rows.update(section("data", lambda: data_rows(args.images, s, threads)) or {})
+    rows.update(section("shards", lambda: shard_rows(args.images, s, threads)) or {})
     if device.type == "cpu":
         train_rows = section("train", lambda: bench_train.run(s["train_batch"], s["train_size"], s["train_steps"],
                                                               s["train_rounds"], compile=args.compile, log=log)) or {}

@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 import unicodedata
+from pathlib import Path
 
 import torch
 
@@ -150,6 +151,11 @@ def unit_interval(text):
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
+
+
+def data_location(text):
+    """--data-dir: a URL as typed (a Path would fold its '//'), anything else a Path."""
+    return text if "://" in text else Path(text)
 
 
 def device(text):

@@ -13,7 +13,7 @@ from torch import nn
 from mnv2 import checkpoint, cli, distributed, hub, outputs, resolve
 from mnv2.cli import UsageError
 from mnv2.data import folders as image_folders
-from mnv2.data import robust
+from mnv2.data import robust, shards
 from mnv2.data.imagenet import NUM_CLASSES, Classes, DataError, find_layout, list_samples, read_classes
 from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader
 from mnv2.data.transforms import eval_transform
@@ -90,7 +90,7 @@ def run(args):
     device = args.device or torch.device("cuda" if on_gpu else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    if args.data_dir is not None and not args.data_dir.is_dir():
+    if args.data_dir is not None and not shards.exists(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
     if args.sets is not None and (args.data_dir is not None or args.images):
         raise UsageError("--sets ROOT scores every set it finds there; drop --data-dir and image files")
@@ -345,6 +345,37 @@ def folder_samples(args, job, log):
     return samples, Classes(job.order, wnids, names, [0] * job.num_classes)
 
 
+def open_packed(data_dir, order, log):
+    """The shard set or the official archives at `data_dir` (archives.Packed), or None; the archives are
+    read in the weights' class order, a shard set in its own (labels are mapped by `packed_labels`)."""
+    return shards.open_data(data_dir, order, note=log, strict_order=False)
+
+
+def packed_labels(packed, meta, order, num_classes, log):
+    """([the model's index for each class of the packed data], the model's Classes): by the class names or
+    WNIDs the weights saved, by WNID for ImageNet weights, by position when both share one class order."""
+    ids = image_folders.identities(packed.classes)
+    saved = meta.get("classes") or {}
+    if packed.classes.order == order and len(ids) == num_classes and not saved.get("names"):
+        to_model = list(range(num_classes))
+    else:
+        index = image_folders.model_index(ids, saved, num_classes, order, log)
+        to_model = [index[i] for i in ids]
+    wnids, names = class_names(None, meta, order, num_classes)
+    for label, i in enumerate(to_model):
+        if names[i] == f"class {i}":  # weights without names: the data names the class
+            wnids[i], names[i] = packed.classes.wnids[label], packed.classes.names[label]
+    return to_model, Classes(order, wnids, names, [0] * num_classes)
+
+
+def packed_samples(packed, job, log):
+    """[(member, the model's class index)] of the packed data's val split, and the model's Classes."""
+    if not packed.splits.get("val"):
+        raise DataError(f"{packed.where}: no validation split to score")
+    to_model, classes = packed_labels(packed, job.meta, job.order, job.num_classes, log)
+    return [(m, to_model[label]) for m, label in packed.splits["val"]], classes
+
+
 def is_imagenet_data(data_dir, order):
     """Whether to read `data_dir` as ImageNet (devkit, WNID order) rather than as a folder of classes: weights
     trained on folders are always scored on folders, whatever the layout looks like (a train/ + val/ of
@@ -432,10 +463,13 @@ def robust_samples(args, job, found, log):
 
 
 def run_scoring(args, job, log):
-    found = recognised_set(args, job)
-    imagenet = found is None and is_imagenet_data(args.data_dir, job.order)
+    packed = open_packed(args.data_dir, job.order, log)
+    found = recognised_set(args, job) if packed is None else None
+    imagenet = packed.imagenet if packed is not None else found is None and is_imagenet_data(args.data_dir, job.order)
     report = restrict = None
-    if found is not None and found.name in robust.CLEAN:
+    if packed is not None:
+        samples, classes = packed_samples(packed, job, log)
+    elif found is not None and found.name in robust.CLEAN:
         samples, classes = imagenet_samples(args, job)
         samples, restrict = robust.clean_val(samples, found.name, sorted_to_model_index(job))
         classes = Classes(job.order, [classes.wnids[i] for i in restrict], [classes.names[i] for i in restrict],

@@ -62,8 +62,11 @@ class DeviceRead:
         self.input_size = cpu_transform.input_size  # ImageNetDataset's blank image for a failed eval file
 
     def __call__(self, path):
-        with open(path, "rb") as f:
-            data = f.read()
+        if isinstance(path, (bytes, bytearray)):  # a member of a shard or an archive, already read
+            data = bytes(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
         im = Image.open(io.BytesIO(data))  # Pillow's decompression-bomb check happens here
         width, height = im.size
         geometry = self.geometry(width, height)

@@ -113,13 +113,14 @@ class Classes:
         return {w: i for i, w in enumerate(self.wnids)}
 
 
-def read_meta_mat(path):
-    """The leaf synsets of a devkit meta.mat as [(ILSVRC2012_ID, WNID, words)], checked to be ILSVRC2012's 1000."""
+def read_meta_mat(path, fileobj=None):
+    """The leaf synsets of a devkit meta.mat as [(ILSVRC2012_ID, WNID, words)], checked to be ILSVRC2012's 1000.
+    `fileobj`: its bytes, read from inside an archive (`path` then only names it)."""
     import scipy.io  # only needed here; keeps `import read_ImageNetData` light
 
     path = Path(path)
     try:
-        mat = scipy.io.loadmat(path, squeeze_me=True)
+        mat = scipy.io.loadmat(path if fileobj is None else fileobj, squeeze_me=True)
     except Exception as e:  # scipy raises ValueError, TypeError, OSError... for a non-MATLAB file
         raise DataError(f"{path} is not a readable MATLAB file ({type(e).__name__}: {e}); "
                         "re-extract ILSVRC2012_devkit_t12.tar.gz") from None
@@ -156,7 +157,11 @@ def read_classes(layout, class_order="sorted"):
         raise ValueError(f"class_order must be one of {CLASS_ORDERS}, got {class_order!r}")
     if layout.meta_mat is None:
         return _classes_from_folders(layout, class_order)
-    leaves = read_meta_mat(layout.meta_mat)
+    return classes_from_leaves(read_meta_mat(layout.meta_mat), class_order)
+
+
+def classes_from_leaves(leaves, class_order):
+    """Classes of meta.mat's leaves [(ILSVRC2012_ID, WNID, words)] in the given order."""
     # devkit order: ILSVRC2012_ID 1 is index 0; sorted order: what torchvision's ImageFolder and every
     # public weight file use, so the same weights score right only in the order they were trained in.
     leaves.sort(key=(lambda s: s[1]) if class_order == "sorted" else (lambda s: s[0]))
@@ -184,11 +189,12 @@ def _classes_from_folders(layout, class_order):
     raise DataError(need)
 
 
-def read_ground_truth(path, num_classes=NUM_CLASSES):
-    """Devkit IDs of ILSVRC2012_validation_ground_truth.txt: element n-1 belongs to ILSVRC2012_val_<n>."""
+def read_ground_truth(path, num_classes=NUM_CLASSES, text=None):
+    """Devkit IDs of ILSVRC2012_validation_ground_truth.txt: element n-1 belongs to ILSVRC2012_val_<n>.
+    `text`: its contents, read from inside an archive (`path` then only names it)."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = (path.read_text() if text is None else text).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read ground truth {path}: {e}") from None
     while lines and not lines[-1].strip():

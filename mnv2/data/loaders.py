@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnv2.data.imagenet import DataError, find_layout, list_samples, read_classes
+from mnv2.data.ranges import Member, SourceError
 from mnv2.data.transforms import eval_transform, train_transform
 
 try:  # optional: decodes JPEGs for training faster than PIL; PIL does everything without it
@@ -17,8 +18,14 @@ except ImportError:
 log = logging.getLogger("mnv2.data")
 
 
+def _load(ref):
+    """What a transform takes: a path as it is, a member of a shard or an archive as its bytes (a file that
+    is missing or cut short there raises SourceError: the data is broken, not one image)."""
+    return ref.read() if isinstance(ref, Member) else ref
+
+
 class ImageNetDataset(Dataset):
-    """(image uint8 [3,H,W], target, index, n_failed) for each (path, label) sample.
+    """(image uint8 [3,H,W], target, index, n_failed) for each (path or ranges.Member, label) sample.
 
     Unreadable files (truncated, empty, not an image, decompression bombs) are logged once per process.
     Train: the next sample takes the place of a bad one and n_failed counts the bad files skipped;
@@ -44,7 +51,9 @@ class ImageNetDataset(Dataset):
         if not self.train:
             path, target = self.samples[index]
             try:
-                return self.transform(path), target, index, 0
+                return self.transform(_load(path)), target, index, 0
+            except SourceError:
+                raise
             except Exception as e:  # any decoder error: the image counts as a miss, never silently dropped
                 self._report(path, e)
                 size = getattr(self.transform, "input_size", 224)
@@ -52,7 +61,9 @@ class ImageNetDataset(Dataset):
         for n_failed in range(self.max_consecutive_failures + 1):
             path, target = self.samples[(index + n_failed) % len(self.samples)]
             try:
-                return self.transform(path), target, index, n_failed
+                return self.transform(_load(path)), target, index, n_failed
+            except SourceError:
+                raise
             except Exception as e:
                 self._report(path, e)
                 error = e

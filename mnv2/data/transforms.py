@@ -18,8 +18,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 def _open(src):
-    """A lazily decoded PIL image; ImageNet holds CMYK, grayscale and PNG-in-.JPEG files, all opened by content."""
-    return src if isinstance(src, Image.Image) else Image.open(src)
+    """A lazily decoded PIL image of a path, a file's bytes (a member of a shard) or a PIL image; ImageNet
+    holds CMYK, grayscale and PNG-in-.JPEG files, all opened by content."""
+    if isinstance(src, Image.Image):
+        return src
+    return Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
 
 
 def _to_rgb(im):
@@ -123,8 +126,11 @@ class TrainTransform:
         if isinstance(src, Image.Image):
             im, size = src, src.size
         else:
-            with open(src, "rb") as f:
-                data = f.read()
+            if isinstance(src, (bytes, bytearray)):
+                data = bytes(src)
+            else:
+                with open(src, "rb") as f:
+                    data = f.read()
             size = _jpeg_size(data)
             if size:
                 _refuse_bomb(*size)  # libjpeg would decode it: Pillow's limit has to be applied here
@@ -300,12 +306,12 @@ class EvalTransform:
 
 
 def train_transform(input_size=224, interpolation="bilinear"):
-    """Callable(path or PIL image) -> uint8 [3, input_size, input_size]: RandomResizedCrop + flip."""
+    """Callable(path, bytes or PIL image) -> uint8 [3, input_size, input_size]: RandomResizedCrop + flip."""
     return TrainTransform(input_size, interpolation=interpolation)
 
 
 def eval_transform(input_size=224, resize=256, interpolation="bilinear"):
-    """Callable(path or PIL image) -> uint8 [3, input_size, input_size]: Resize + CenterCrop."""
+    """Callable(path, bytes or PIL image) -> uint8 [3, input_size, input_size]: Resize + CenterCrop."""
     return EvalTransform(input_size, resize, interpolation)
 
 

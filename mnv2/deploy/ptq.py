@@ -10,6 +10,7 @@ import torch
 from mnv2 import cli, evaluation, outputs, resolve, scoring
 from mnv2.cli import UsageError
 from mnv2.data import folders as image_folders
+from mnv2.data import shards
 from mnv2.data.imagenet import DataError, find_layout, list_samples, read_classes
 from mnv2.data.loaders import EvalSampler, ImageNetDataset, build_loader
 from mnv2.data.transforms import eval_transform, normalize
@@ -81,7 +82,7 @@ def check_outputs(args):
         raise UsageError("nothing to write: give --out model.int8.onnx and/or --export-pte model.int8.pte")
     if args.out is not None and args.out.suffix.lower() != ".onnx":
         raise UsageError(f"--out {args.out}: name the file *.onnx, so evaluate.py reads it as ONNX")
-    if not args.data_dir.is_dir():
+    if not shards.exists(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
     if onnx_weights.is_onnx_file(args.weights):
         raise UsageError(f"--weights {args.weights}: quantize.py takes PyTorch weights (it folds and corrects them "
@@ -96,6 +97,15 @@ def choose_images(args, resolved, log):
     data in --data-dir: ImageNet's layouts, or a folder of classes (calibrated on the images a --val-split
     run did not hold out, scored on those it did)."""
     num_classes, meta, order = resolved.model.config["num_classes"], resolved.meta, resolved.class_order
+    packed = evaluation.open_packed(args.data_dir, order, log)
+    if packed is not None:  # a shard set or the official archives: labels mapped to the weights' classes
+        to_model, classes = evaluation.packed_labels(packed, meta, order, num_classes, log)
+        train, val = ([(m, to_model[label]) for m, label in packed.splits.get(split) or []]
+                      for split in ("train", "val"))
+        deployed = {"order": order, "wnids": list(classes.wnids) if all(classes.wnids) else None,
+                    "names": list(classes.names)}
+        return (deployed, *pick_images(train, val, args.data_dir, args.calibration_images, args.max_images,
+                                       args.seed, log))
     if not evaluation.is_imagenet_data(args.data_dir, order):
         deployed = evaluation.deployed_classes(args.data_dir, meta, order, num_classes)
         return (deployed, *folder_images(args.data_dir, meta, num_classes, order, args.calibration_images,
@@ -210,6 +220,11 @@ def split_images(data_dir, classes, calibration_images, max_images, seed, log):
     train = list_samples(layout, "train", classes) if layout.train_dir else []
     labelled_val = layout.val_dir and (layout.ground_truth or not layout.val_flat)
     val = list_samples(layout, "val", classes) if labelled_val else []
+    return pick_images(train, val, data_dir, calibration_images, max_images, seed, log)
+
+
+def pick_images(train, val, data_dir, calibration_images, max_images, seed, log):
+    """split_images' choice among labelled train and val samples [(path or member, label)]."""
     rng = random.Random(seed)
     if train:
         pool = train[:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mnv2 import checkpoint
 from mnv2.cli import UsageError
-from mnv2.data import augment
+from mnv2.data import augment, shards
 from mnv2.training import finetune, recipes, teacher_outputs
 
 # With --recipe, the recipe's method wins over the demo's settings (recipes/demo.yaml); the rest of the demo's
@@ -107,7 +107,7 @@ def check_args(args):
         if not re.fullmatch(r"\d+(,\d+)*", args.gpus.strip()):
             raise UsageError(f"--gpus {args.gpus!r}: expected comma-separated GPU ids like 0,1")
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus.strip()
-    if not (args.demo and not Path(args.data_dir).exists()) and not Path(args.data_dir).is_dir():
+    if not (args.demo and not Path(args.data_dir).exists()) and not shards.exists(args.data_dir):
         raise UsageError(f"--data-dir {args.data_dir}: no such directory (point it at the ImageNet root, "
                          "or try --demo)")
     if args.qat is not None:

@@ -9,6 +9,7 @@ from mnv2.cli import UsageError
 from mnv2.data import augment
 from mnv2.data import folders as image_folders
 from mnv2.data import gpu_decode as gpu_data
+from mnv2.data import shards
 from mnv2.data.loaders import EvalSampler, RASampler, TrainSampler, build_loader
 from mnv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, eval_transform
 from mnv2.training import teacher_outputs
@@ -92,9 +93,12 @@ def build_data(spec, context, log):
         raise UsageError(f"--batch-size {spec.batch_size} does not split evenly over {context.world_size} "
                          f"processes x --accum-steps {spec.accum_steps}")
     per_rank = spec.batch_size // context.world_size
-    found = image_folders.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size, spec.val_resize_size,
-                                         spec.interpolation, val_split=spec.val_split, seed=spec.seed,
-                                         recorded_split=spec.recorded_split, num_classes=spec.num_classes, log=log)
+    found = shards.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size, spec.val_resize_size,
+                                  spec.interpolation, val_split=spec.val_split, log=log)  # or None: folders
+    found = found or image_folders.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size,
+                                                  spec.val_resize_size, spec.interpolation, val_split=spec.val_split,
+                                                  seed=spec.seed, recorded_split=spec.recorded_split,
+                                                  num_classes=spec.num_classes, log=log)
     train_set, val_set, classes = found.train, found.val, found.classes
     if found.note:
         log(found.note)
