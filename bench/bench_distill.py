@@ -1,31 +1,60 @@
-"""The training step with an online teacher, as a ratio to the plain step, timed alternately in one run.
+"""The training step with an online teacher and with stored teacher outputs, each as a ratio to the plain step,
+timed in turn in one run; and the stored outputs' size per image.
 
     python bench/bench_distill.py                       # CPU: student width 1.0, teacher ResNet-50, 224 px
     python bench/bench_distill.py --device cuda --batch-size 256 --amp
 
-One step is what train.py does per batch: normalise, forward, cross-entropy (+ the teacher's forward in
-eval mode without gradients and the distillation loss), backward, SGD step. The teacher's weights do not
-change its cost, so random ones stand in (ResNet-50 as the issue's example teacher: 4.1 G MAdds against
-MobileNetV2's 0.3 G). The ratio is step time with the teacher over step time without.
+One step is what train.py does per batch: normalise, forward, cross-entropy (+ the distillation loss with
+the teacher's forward in eval mode without gradients, or with the teacher's top-k logits read from stored
+outputs), backward, SGD step. The teacher's weights do not change its cost, so random ones stand in
+(ResNet-50: 4.1 G MAdds against MobileNetV2's 0.3 G); the stored outputs are random logits for ImageNet's
+1000 classes in the files `--write-teacher-outputs` writes, memory-mapped, at --views and --top-k. The
+ratios are step time with the teacher (or the stored outputs) over step time without.
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mnv2.training import distill  # noqa: E402
+from mnv2.training import distill, teacher_outputs  # noqa: E402
 from MobileNetV2 import MobileNetV2  # noqa: E402
 
+IMAGENET_TRAIN = 1_281_167
 
-def step_seconds(device, batch_size, size, teacher_name, loss, amp, repeats, log=print):
+
+def stored_outputs(folder, images, views, top_k, num_classes=1000):
+    """A teacher-outputs folder's arrays filled with random logits (their reading is what a step pays)."""
+    generator = torch.Generator().manual_seed(0)
+    arrays = {}
+    for name, (dtype, shape) in teacher_outputs.files(views, top_k, num_classes).items():
+        array = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(images, *shape))
+        if name == "logits":
+            array[:] = torch.randn(images, views, top_k, generator=generator).numpy()
+        elif name == "classes":
+            array[:] = torch.rand(images, views, num_classes, generator=generator).argsort(-1)[..., :top_k].numpy()
+        array.flush()
+        arrays[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
+    meta = {"images": images, "views": views, "classes": {"wnids": [str(c) for c in range(num_classes)]}}
+    return teacher_outputs.StoredOutputs(folder, meta, arrays, seed=0)
+
+
+def bytes_per_image(views, top_k, num_classes=1000):
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+               for dtype, shape in teacher_outputs.files(views, top_k, num_classes).values())
+
+
+def step_seconds(device, batch_size, size, teacher_name, loss, amp, repeats, views=10, top_k=10, log=print):
     torch.manual_seed(0)
     student = MobileNetV2().to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
@@ -37,34 +66,51 @@ def step_seconds(device, batch_size, size, teacher_name, loss, amp, repeats, log
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
                               enabled=amp)
 
-    def step(with_teacher):
-        with autocast:
-            logits = student(x)
-            out = F.cross_entropy(logits, y)
-            if with_teacher:
-                out = kd(out, logits, x)
-        optimizer.zero_grad(set_to_none=True)
-        out.backward()
-        optimizer.step()
+    folder = Path(tempfile.mkdtemp(prefix="bench-teacher-outputs-"))
+    try:
+        images = 50 * batch_size
+        stored = teacher_outputs.StoredDistillation(stored_outputs(folder, images, views, top_k), loss)
+        draws = torch.Generator().manual_seed(1)
 
-    def timed(with_teacher):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step(with_teacher)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        def step(mode):
+            with autocast:
+                logits = student(x)
+                out = F.cross_entropy(logits, y)
+                if mode == "teacher":
+                    out = kd(out, logits, x)
+                elif mode == "stored":
+                    out = stored(out, logits, x, torch.randint(0, images, (batch_size,), generator=draws))
+            optimizer.zero_grad(set_to_none=True)
+            out.backward()
+            optimizer.step()
 
-    step(False), step(True)  # first-call allocations and kernel choices
-    plain, taught = [], []
-    for _ in range(repeats):
-        plain.append(timed(False))
-        taught.append(timed(True))
-    p, t = statistics.median(plain), statistics.median(taught)
+        def timed(mode):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step(mode)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        modes = ("plain", "teacher", "stored")
+        for mode in modes:  # first-call allocations and kernel choices
+            step(mode)
+        times = {mode: [] for mode in modes}
+        for _ in range(repeats):
+            for mode in modes:
+                times[mode].append(timed(mode))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    p, t, st = (statistics.median(times[mode]) for mode in modes)
+    per_image = bytes_per_image(views, top_k)
     log(f"{device.type}, batch {batch_size} x {size} px, teacher {teacher_name} ({loss}): plain step {1000 * p:.0f} ms, "
-        f"with the teacher {1000 * t:.0f} ms, ratio {t / p:.2f}x")
-    return {"plain_ms": 1000 * p, "teacher_ms": 1000 * t, "ratio": t / p, "batch_size": batch_size, "size": size,
+        f"with the teacher {1000 * t:.0f} ms ({t / p:.2f}x), with stored outputs {1000 * st:.0f} ms ({st / p:.2f}x); "
+        f"stored outputs at {views} views, top {top_k}: {per_image} bytes per image, "
+        f"{per_image * IMAGENET_TRAIN / 1e9:.2f} GB for ImageNet's {IMAGENET_TRAIN:,} training images")
+    return {"plain_ms": 1000 * p, "teacher_ms": 1000 * t, "ratio": t / p, "stored_ms": 1000 * st,
+            "stored_ratio": st / p, "stored_bytes_per_image": per_image, "views": views, "top_k": top_k,
+            "imagenet_stored_gb": per_image * IMAGENET_TRAIN / 1e9, "batch_size": batch_size, "size": size,
             "teacher": teacher_name, "loss": loss, "device": device.type, "amp": amp}
 
 
@@ -77,10 +123,12 @@ def main():
     p.add_argument("--loss", choices=distill.LOSSES, default="kd")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--views", type=int, default=10, help="stored views per image")
+    p.add_argument("--top-k", type=int, default=10, help="stored teacher logits per view")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     result = step_seconds(torch.device(args.device), args.batch_size, args.size, args.teacher, args.loss, args.amp,
-                          args.repeats)
+                          args.repeats, args.views, args.top_k)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -514,3 +514,21 @@ def test_a_symbolic_link_loop_in_a_flat_val_folder_is_no_traceback(fake_imagenet
     layout = imagenet.find_layout(fake_imagenet["root"])
     samples = imagenet.list_samples(layout, "val", imagenet.read_classes(layout))
     assert len(samples) == 6 and layout.val_flat  # the fixture's 6 val images; the links are no images
+
+
+def test_each_draw_seed_follows_its_position_in_the_epoch_whatever_the_world_size_or_resume():
+    SeededDraws, TrainSampler = loaders.SeededDraws, loaders.TrainSampler
+    one = TrainSampler(10, seed=3)
+    one.set_epoch(2)
+    whole = list(SeededDraws(one))
+    assert len({seed for _, seed in whole}) == 10  # every position its own seed
+    ranks = []
+    for rank in range(2):
+        sampler = TrainSampler(10, num_replicas=2, rank=rank, seed=3)
+        sampler.set_epoch(2)
+        ranks.append(list(SeededDraws(sampler)))
+    assert [pair for both in zip(*ranks) for pair in both] == whole  # rank r takes positions r, r + 2, ...
+    one.set_epoch(2, skip=4)
+    assert list(SeededDraws(one)) == whole[4:]  # a resumed epoch draws its rest with the same seeds
+    one.set_epoch(3)
+    assert [seed for _, seed in SeededDraws(one)] != [seed for _, seed in whole]  # a new epoch, new draws

@@ -211,14 +211,17 @@ def preempted_and_resumed(data, out):
 
 
 @pytest.mark.slow
-def test_a_mid_epoch_resume_from_shards_is_bit_exact(demo_data, demo_shards, tmp_path, one_thread):
+def test_a_mid_epoch_resume_from_shards_is_bit_exact(demo_data, demo_shards, trained_on_folders, tmp_path,
+                                                     one_thread):
     from_shards, seen = preempted_and_resumed(demo_shards, tmp_path / "shards")
     from_folders, seen_folders = preempted_and_resumed(demo_data, tmp_path / "folders")
     sampler = TrainSampler(40, seed=0)
     sampler.set_epoch(0)
     assert seen == seen_folders == list(sampler)  # every sample of the epoch once, in the sampler's order
+    straight = helpers.load_checkpoint(trained_on_folders)  # the same epoch, never interrupted
     for key in ("model", "optimizer", "sampler", "step", "epoch"):
         helpers.assert_same_tensors(from_shards[key], from_folders[key])
+        helpers.assert_same_tensors(from_shards[key], straight[key])
 
 
 def predictions(path):

@@ -268,6 +268,33 @@ def test_sigterm_mid_epoch_then_resume_covers_each_sample_once(data, tmp_path):
     assert [m["epoch"] for m in load(tmp_path / "last.pth")["metrics"]] == [1, 2]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_mid_epoch_resume_is_bit_exact_with_and_without_loader_processes(data, tmp_path, workers):
+    """Each sample's augmentation draws from a seed of (seed, epoch, position): neither the loader processes'
+    own streams nor the iterator a resumed epoch creates change what the run sees."""
+    flags = ("--num-epochs", "2", "--num-workers", workers, "--auto-augment", "ta_wide", "--random-erase", "0.25",
+             "--mixup-alpha", "0.2", "--dropout", "0.2")
+    assert run_main(parse(data, tmp_path / "straight", *flags)) == 0
+
+    def preempt(epoch, step, indices):
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert run_main(parse(data, tmp_path / "resumed", *flags), preempt) == 128 + signal.SIGTERM
+    assert 0 < load(tmp_path / "resumed" / "last.pth")["step"] < STEPS
+    assert run_main(parse(data, tmp_path / "resumed", *flags, "--resume", "auto")) == 0
+    straight, resumed = load(tmp_path / "straight" / "last.pth"), load(tmp_path / "resumed" / "last.pth")
+    for key in ("model", "optimizer", "sampler", "epoch"):
+        assert_same_tensors(resumed[key], straight[key])
+
+
+@pytest.mark.slow
+def test_the_number_of_loader_processes_does_not_change_the_run(data, tmp_path):
+    for workers in ("0", "2"):
+        assert run_main(parse(data, tmp_path / workers, "--num-workers", workers, "--auto-augment", "ra")) == 0
+    assert_same_tensors(load(tmp_path / "2" / "last.pth")["model"], load(tmp_path / "0" / "last.pth")["model"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Faults while saving
 

@@ -1,8 +1,11 @@
 """Datasets, samplers (the RA sampler too) and loaders that hand the device uint8 batches with exact labels."""
+import contextlib
 import logging
 import math
+import random
 import signal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -47,7 +50,13 @@ class ImageNetDataset(Dataset):
             self._logged.add(path)
             log.warning("unreadable image %s: %s: %s", path, type(error).__name__, error)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        """`item`: an index, or (index, seed) from SeededDraws: the augmentation then draws from `seed` alone."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        with seeded(seed) if seed is not None else contextlib.nullcontext():
+            return self._sample(index)
+
+    def _sample(self, index):
         if not self.train:
             path, target = self.samples[index]
             try:
@@ -147,6 +156,49 @@ class RASampler(TrainSampler):
         return dict(super().state_dict(), repetitions=self.repetitions)
 
 
+def draw_seed(seed, epoch, position):
+    """The seed of the augmentation of an epoch's `position`-th sample (splitmix64 of the three)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB + 1) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+class SeededDraws(Sampler):
+    """A training sampler's indices, each with the seed its augmentation draws from (`draw_seed` of the run's
+    seed, the epoch and the sample's position in the epoch's sequence over all ranks). A sample's crop, flip
+    and policy then depend on nothing else: not on which loader process reads it, how many there are, the
+    world size, nor on where a resumed epoch starts, so a mid-epoch resume sees exactly the augmentations
+    the uninterrupted run saw. The wrapped sampler keeps the state (set_epoch, state_dict)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        s = self.sampler
+        for k, index in enumerate(s):
+            # TrainSampler and RASampler: the k-th index after `skip` is position rank + (skip + k) x R
+            yield index, draw_seed(s.seed, s.epoch, s.rank + (s.skip + k) * s.num_replicas)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """torch's, Python's and NumPy's generators seeded with `seed` inside; as they were outside."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        random.seed(int(seed))
+        np.random.seed(int(seed) % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 class EvalSampler(Sampler):
     """Indices rank, rank + R, ...: every image exactly once over all ranks (no padding duplicates)."""
 
@@ -180,10 +232,12 @@ def build_loader(dataset, batch_size, sampler, num_workers=4, pin_memory=None, p
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
+    # A generator of its own for the loader processes' base seed: creating an iterator then leaves the
+    # process's stream (dropout, mixup) as it was, also when a resumed epoch creates one mid-way.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
                       drop_last=drop_last, worker_init_fn=_ignore_interrupts if num_workers else None,
-                      collate_fn=collate_fn)
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
 
 
 def build_datasets(data_dir, class_order="sorted", input_size=224, resize=256, interpolation="bilinear"):

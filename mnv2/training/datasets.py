@@ -10,7 +10,7 @@ from mnv2.data import augment
 from mnv2.data import folders as image_folders
 from mnv2.data import gpu_decode as gpu_data
 from mnv2.data import shards
-from mnv2.data.loaders import EvalSampler, RASampler, TrainSampler, build_loader
+from mnv2.data.loaders import EvalSampler, RASampler, SeededDraws, TrainSampler, build_loader
 from mnv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, eval_transform
 from mnv2.training import teacher_outputs
 from mnv2.training.learner import caches_features
@@ -119,7 +119,8 @@ def build_data(spec, context, log):
                                seed=spec.seed)
     pin = context.device.type == "cuda"
     # Workers are not persistent: each epoch's iterator draws its worker seeds from that epoch's stream.
-    train_loader = build_loader(train_set, per_rank // spec.accum_steps, sampler, num_workers=spec.num_workers,
+    train_loader = build_loader(train_set, per_rank // spec.accum_steps, SeededDraws(sampler),
+                                num_workers=spec.num_workers,
                                 pin_memory=pin, persistent_workers=False, drop_last=True)
     if spec.backend == "gpu":
         crop = spec.train_crop_size if spec.train_augment else spec.val_crop_size

@@ -117,6 +117,7 @@ def train(args, context, stop, run_dir, on_step=None, args_yaml=None):
         if stopped:
             save_and_stop(learner, data, epoch, step, best_acc1, metrics, run_id, args, asdict(meter), stop, context)
         step = 0
+        data.sampler.set_epoch(epoch)  # the epoch is whole: its checkpoint says so also after a mid-epoch resume
         best_acc1 = end_epoch(learner, data, epoch, meter, best_acc1, metrics, run_id, args, stop, tensorboard,
                               context, log)
         stop_if_asked(stop, epoch, context)

@@ -21,10 +21,8 @@ Files in DIR (NumPy .npy, memory-mapped; rows are images in the training set's o
     logits.npy    float16 [images, views, k]  classes.npy int16 (int32 past 32,767 classes) [images, views, k]
     done.npy      uint8 [images]: the images written so far, so a killed writer continues where it stopped
 """
-import contextlib
 import hashlib
 import json
-import random
 import time
 import zlib
 from pathlib import Path
@@ -37,6 +35,8 @@ from mnv2 import distributed, outputs
 from mnv2.cli import UsageError
 from mnv2.data import folders as image_folders
 from mnv2.data.imagenet import DataError
+from mnv2.data.loaders import seeded
+from mnv2.data.ranges import Member, SourceError
 from mnv2.data.transforms import normalize
 from mnv2.training import distill
 
@@ -60,11 +60,14 @@ def files(views, k, num_classes):
 
 def fingerprint(samples, data_dir, wnids):
     """sha256 of the training samples (file relative to the data folder, label) in order, and the class order."""
-    root = Path(data_dir).resolve()
+    root = Path(data_dir).resolve() if "://" not in str(data_dir) else Path("/")
     digest = hashlib.sha256("\n".join(wnids).encode())
-    for path, label in samples:
-        path = Path(path).resolve()
-        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+    for ref, label in samples:
+        if isinstance(ref, Member):  # in a shard or an archive: the same name wherever the shards are served
+            name = f"{ref.location.rstrip('/').rsplit('/', 1)[-1]}/{ref.name}"
+        else:
+            path = Path(ref).resolve()
+            name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
         digest.update(f"\n{name}\t{int(label)}".encode())
     return digest.hexdigest()
 
@@ -85,23 +88,11 @@ def epoch_views(seed, epoch, images, views):
     return torch.randint(0, views, (images,), generator=generator).numpy()
 
 
-@contextlib.contextmanager
-def seeded(seed):
-    """torch's, Python's and NumPy's generators seeded with `seed` inside; as they were outside."""
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        random.seed(int(seed))
-        np.random.seed(int(seed))
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
-
-
 def draw_view(transform, source, seed):
-    """(uint8 image, its record: (top, left, height, width, flipped) or None, CRC-32 of its pixels)."""
+    """(uint8 image, its record: (top, left, height, width, flipped) or None, CRC-32 of its pixels) of a path
+    or a shard's member."""
+    if isinstance(source, Member):
+        source = source.read()
     with seeded(seed):
         image = transform(source)
     first = getattr(transform, "transforms", (transform,))[0]
@@ -133,6 +124,8 @@ class _AllViews(Dataset):
         for seed in self.seeds[index]:
             try:
                 image, drawn, crc = draw_view(self.transform, path, seed)
+            except SourceError:
+                raise
             except Exception as e:
                 raise _unreadable(path, e) from None
             images.append(image)
@@ -382,11 +375,14 @@ class StoredViewDataset(Dataset):
     def __len__(self):
         return len(self.base)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item  # the view's own seed, not the position's, draws
         path, target = self.samples[index]
         view = int(self.stored.views[index])
         try:
             image, _, crc = draw_view(self.transform, path, self.stored.arrays["seeds"][index, view])
+        except SourceError:
+            raise
         except Exception as e:
             raise _unreadable(path, e) from None
         if crc != int(self.stored.arrays["crc"][index, view]):
