@@ -221,6 +221,14 @@ LAYOUTS = {
 # Running a script
 
 
+def save_checkpoint(path, model, data, **extra):
+    """A minimal checkpoint of `model` in this repo's format (what evaluate.py and --teacher read): its
+    weights, constructor arguments and preprocessing `data` (input_size, resize, interpolation, mean, std)."""
+    torch.save({"format": "mobilenetv2-checkpoint", "version": 1, "model": model.state_dict(), "model_ema": None,
+                "model_config": dict(model.config), "epoch": 1, "step": 0, "data": data, **extra}, path)
+    return path
+
+
 def run_script(module, *argv):
     """(exit code, stderr, stdout) of `python <module>.py argv`, run in this process as its last line does:
     main(get_args_parser().parse_args(argv)). Any other exception would have been a traceback: it propagates

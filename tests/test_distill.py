@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from helpers import assert_same_tensors, one_line, run_main, run_script
+from helpers import assert_same_tensors, one_line, run_main, run_script, save_checkpoint
 from mnv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from mnv2.training import distill
 from MobileNetV2 import MobileNetV2
@@ -96,11 +96,8 @@ def teacher_file(tmp_path_factory):
     torch.manual_seed(3)
     model = MobileNetV2(num_classes=1000, width_mult=0.5).eval()
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save({"format": "mobilenetv2-checkpoint", "version": 1, "model": model.state_dict(), "model_ema": None,
-                "model_config": dict(model.config), "epoch": 1, "step": 0,
-                "data": {"input_size": 32, "resize": 36, "interpolation": "bilinear", "mean": [0.5] * 3,
-                         "std": [0.5] * 3}}, path)
-    return path
+    return save_checkpoint(path, model, {"input_size": 32, "resize": 36, "interpolation": "bilinear",
+                                         "mean": [0.5] * 3, "std": [0.5] * 3})
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 
 import train
 from helpers import (assert_same_tensors, load_checkpoint, make_fake_imagenet, one_line, run_main, run_script, torchrun,
-                     write_jpeg)
+                     save_checkpoint, write_jpeg)
 from mnv2 import checkpoint
 from mnv2.data import folders as image_folders
 from mnv2.data.transforms import normalize
@@ -42,11 +42,8 @@ def teacher(tmp_path_factory):
         torch.manual_seed(5)
         model = MobileNetV2(num_classes=1000, width_mult=0.25).eval()
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save({"format": "mobilenetv2-checkpoint", "version": 1, "model": model.state_dict(), "model_ema": None,
-                "model_config": dict(model.config), "epoch": 1, "step": 0,
-                "data": {"input_size": 32, "resize": 36, "interpolation": "bilinear", "mean": [0.5] * 3,
-                         "std": [0.5] * 3}}, path)
-    return path
+    return save_checkpoint(path, model, {"input_size": 32, "resize": 36, "interpolation": "bilinear",
+                                         "mean": [0.5] * 3, "std": [0.5] * 3})
 
 
 def parse(data, *extra):
