@@ -24,14 +24,14 @@ from MobileNetV2 import MobileNetV2
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMON = ["--batch-size", "4", "--width-mult", "0.25", "--input-size", "32", "--num-workers", "0",
-          "--print-freq", "100", "--device", "cpu", "--lr", "0.05", "--hflip", "0.5", "--auto-augment", "ta_wide",
+          "--print-freq", "100", "--device", "cpu", "--lr", "0.01", "--hflip", "0.5", "--auto-augment", "ta_wide",
           "--random-erase", "0.5", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("stored") / "imagenet"
-    make_fake_imagenet(root, num_image_classes=3, train_per_class=4, num_val=6, image_size=(53, 41))
+    make_fake_imagenet(root, num_image_classes=3, train_per_class=8, num_val=6, image_size=(53, 41))
     return root
 
 
@@ -153,7 +153,7 @@ def test_a_killed_writer_continues_where_it_stopped_and_ends_with_the_same_files
     code, err, out = run_script(train, "--data-dir", data, *COMMON, "--teacher", teacher, "--write-teacher-outputs",
                                 folder, "--teacher-views", 3, "--teacher-top-k", 5)
     assert code == 0, err
-    assert "6 images left" in out
+    assert "18 images left" in out
     same_files(folder, stored)
 
 
@@ -162,14 +162,14 @@ def test_two_processes_write_their_halves_into_the_same_files(data, teacher, sto
     result = torchrun(train.__file__, "--data-dir", data, *COMMON, "--teacher", teacher, "--write-teacher-outputs",
                       tmp_path / "views", "--teacher-views", 3, "--teacher-top-k", 5)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "6 images left for this process of 2" in result.stdout + result.stderr
+    assert "12 images left for this process of 2" in result.stdout + result.stderr
     same_files(tmp_path / "views", stored)
 
 
 @pytest.mark.slow
 def test_training_from_stored_outputs_records_them_and_resumes_mid_epoch_bit_exactly(data, teacher, stored, tmp_path):
     flags = ["--teacher-outputs", stored, "--distill-loss", "dist", "--distill-temperature", "2",
-             "--label-smoothing", "0.1", "--model-ema"]
+             "--label-smoothing", "0.1", "--model-ema", "--batch-size", "8", "--accum-steps", "2"]
 
     def args(out, *extra):
         return parse(data, "--save-path", out, *flags, *extra)
@@ -179,7 +179,7 @@ def test_training_from_stored_outputs_records_them_and_resumes_mid_epoch_bit_exa
         if epoch == 1 and step == 1:  # in the middle of the second epoch: its views are drawn again on resume
             os.kill(os.getpid(), signal.SIGTERM)
     assert run_main(train, args(tmp_path / "resumed", "--num-epochs", "3"), on_step=preempt) == 128 + signal.SIGTERM
-    assert 0 < load_checkpoint(tmp_path / "resumed" / "last.pth")["step"] < 3  # saved mid-epoch
+    assert 0 < load_checkpoint(tmp_path / "resumed" / "last.pth")["step"] < 3  # saved mid-epoch (3 steps of 8)
     assert run_main(train, args(tmp_path / "resumed", "--num-epochs", "3", "--resume", "auto")) == 0
     straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(tmp_path / "resumed" / "last.pth")
     for key in ("model", "model_ema", "optimizer", "epoch", "sampler"):
@@ -222,7 +222,7 @@ def other_data(data, tmp_path):
 
 
 @pytest.mark.parametrize("case, words", [
-    ("other data", ["written for other training images", "11"]),
+    ("other data", ["written for other training images", "23"]),
     ("other teacher", ["stores the outputs of another teacher"]),
     ("other crop", ["--train-crop-size 32", "this run has 40"]),
     ("damaged", ["logits.npy does not match the sha256"]),
@@ -286,3 +286,42 @@ def test_a_view_that_comes_out_differently_stops_the_run_in_one_line(data, store
     # the file list is the same, so the outputs are accepted, and the changed image is caught when rebuilt
     line = one_line(err)
     assert code != 0 and victim.name in line and "comes out different" in line, line
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_folder_from_stored_outputs_then_evaluating_it(teacher, tmp_path):
+    """The pair: --pretrained on the user's folders (LP-FT default) learning from stored outputs of a teacher
+    for those classes, then evaluate.py on the result."""
+    import evaluate
+    for split, count in (("train", 4), ("val", 2)):
+        for k, name in enumerate(("cat", "dog", "fox")):
+            (tmp_path / "photos" / split / name).mkdir(parents=True)
+            for i in range(count):
+                write_jpeg(tmp_path / "photos" / split / name / f"{i}.jpg", size=(45, 38), seed=100 * k + 10 * i)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(9)
+        three = save_checkpoint(tmp_path / "three.pth", MobileNetV2(num_classes=3, width_mult=0.25).eval(),
+                                {"input_size": 32, "resize": 36, "interpolation": "bilinear", "mean": [0.5] * 3,
+                                 "std": [0.5] * 3})
+    flags = ["--data-dir", tmp_path / "photos", "--pretrained", teacher, "--width-mult", "0.25", "--input-size", "32",
+             "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--print-freq", "100"]
+    code, err, out = run_script(train, *flags, "--teacher", three, "--write-teacher-outputs", tmp_path / "views",
+                                "--teacher-views", 2, "--teacher-top-k", 2)
+    assert code == 0, err
+    assert "12 images x 2 views" in out
+    code, err, out = run_script(train, *flags, "--teacher-outputs", tmp_path / "views", "--distill-loss", "dist",
+                                "--num-epochs", "2", "--lp-epochs", "1", "--save-path", tmp_path / "run")
+    assert code == 0, err
+    assert "from stored outputs" in out and "LP-FT: the classifier first" in out, out
+    saved = load_checkpoint(tmp_path / "run" / "best.pth")
+    assert saved["args"]["teacher_sha256"] == checkpoint_sha(three) and saved["classes"]["names"] == ["cat", "dog", "fox"]
+    code, err, out = run_script(evaluate, "--weights", tmp_path / "run" / "best.pth", "--data-dir",
+                                tmp_path / "photos", "--device", "cpu", "--num-workers", "0", "--no-progress")
+    assert code == 0, err
+    top1 = float(out.split("top-1")[1].split()[0].strip(":%"))
+    assert top1 == pytest.approx(max(m["val_top1"] for m in saved["metrics"]), abs=1e-3)  # printed to 3 places
+
+
+def checkpoint_sha(path):
+    from mnv2.weights import sha256_of
+    return sha256_of(path)
