@@ -274,6 +274,19 @@ def test_writing_into_a_foreign_folder_or_with_other_flags_is_one_line(data, tea
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before  # nothing of the good folder was touched
     code, err, _ = run_script(train, "--data-dir", data, *COMMON, "--write-teacher-outputs", tmp_path / "x")
     assert code != 0 and "--write-teacher-outputs needs --teacher" in one_line(err)
+    (tmp_path / "a-file").write_text("mine")
+    code, err, _ = run_script(train, "--data-dir", data, *COMMON, "--teacher", teacher, "--write-teacher-outputs",
+                              tmp_path / "a-file")
+    assert code != 0 and "a file, not a folder" in one_line(err) and (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_arrays_left_by_a_creation_stopped_before_its_description_are_made_again(data, teacher, stored, tmp_path):
+    folder = tmp_path / "views"
+    shutil.copytree(stored, folder)
+    (folder / "outputs.json").unlink()  # as a kill between the arrays and their description leaves it
+    np.save(folder / "logits.npy", np.zeros(3))  # and a half-made array
+    write(data, teacher, folder)
+    same_files(folder, stored)
 
 
 def test_a_view_that_comes_out_differently_stops_the_run_in_one_line(data, stored, tmp_path):

@@ -23,6 +23,7 @@ Files in DIR (NumPy .npy, memory-mapped; rows are images in the training set's o
 """
 import hashlib
 import json
+import os
 import time
 import zlib
 from pathlib import Path
@@ -183,21 +184,48 @@ def prepare(folder, meta, context, log):
             if differ:
                 raise UsageError(f"{flag} {folder}: holds outputs written with another {', '.join(differ)}; "
                                  "give an empty folder, or the flags it was written with")
-        elif folder.exists() and any(folder.iterdir()):
+        elif folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag} {folder}: a file, not a folder; give an empty or new folder")
+        elif folder.exists() and not _only_our_arrays(folder):
             raise UsageError(f"{flag} {folder}: not empty and not teacher outputs; give an empty or new folder")
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            arrays = _open_arrays(folder, meta, "w+")
-            arrays["seeds"][:] = view_seeds(meta["seed"], meta["images"], meta["views"])
-            for array in arrays.values():
-                array.flush()
-            del arrays
-            outputs.atomic_write(folder / META, json.dumps(meta, indent=1))  # last: the files are whole
+        else:  # new, empty, or the arrays of a creation that was stopped before outputs.json
+            try:
+                create(folder, meta)
+            except OSError as e:
+                raise UsageError(f"{flag} {folder}: cannot be written ({e.strerror or e}); give a folder with room "
+                                 f"for {meta['images'] * _row_bytes(meta) / 1e6:.1f} MB") from None
     distributed.barrier(context)
     stored = _read_meta(folder, flag)
     if stored.get("complete"):
         return None
     return _open_arrays(folder, stored, "r+")
+
+
+def _row_bytes(meta):
+    shapes = files(meta["views"], meta["top_k"], len(meta["classes"]["wnids"]))
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)) for dtype, shape in shapes.values())
+
+
+def _only_our_arrays(folder):
+    ours = {f"{name}.npy" for name in files(1, 1, 1)}
+    return all(path.name in ours or path.name.startswith(f".{META}.tmp-") for path in folder.iterdir())
+
+
+def create(folder, meta):
+    """DIR's arrays at their full size, the disk space taken now (a full disk is one line here, not a crash
+    mid-write on a sparse file), the seeds filled in, and outputs.json last: its presence says the files are
+    whole."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = _open_arrays(folder, meta, "w+")
+    for name, array in arrays.items():
+        array.flush()
+        if hasattr(os, "posix_fallocate"):
+            with open(folder / f"{name}.npy", "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    arrays["seeds"][:] = view_seeds(meta["seed"], meta["images"], meta["views"])
+    arrays["seeds"].flush()
+    del arrays
+    outputs.atomic_write(folder / META, json.dumps(meta, indent=1))
 
 
 def write(args, spec, transform, context, log=print):
