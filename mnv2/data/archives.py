@@ -165,7 +165,8 @@ def open_archives(root, class_order="sorted", cache=None, note=log.warning):
     root, cache = Path(root), cache or Cache.default()
     devkit = root / DEVKIT_TAR
     if not devkit.is_file():
-        raise DataError(f"{root}: {DEVKIT_TAR} is missing; put it beside {TRAIN_TAR} (it holds the classes)")
+        raise DataError(f"{root}: {DEVKIT_TAR} is missing; put it beside the image archives (it holds the classes "
+                        "and the validation labels)")
     classes, truth = read_devkit(devkit, class_order)
     index, store = classes.index_of(), Store(cache)
     splits = {}

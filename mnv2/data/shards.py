@@ -112,6 +112,8 @@ def open_shards(location, cache=None, note=log.warning):
     store = Store((cache or Cache.default()) if remote else None)
     try:
         info = json.loads(store.read_all(f"{base}/{INFO}"))
+    except SourceError:  # not there or not reachable: its own line says which
+        raise
     except ValueError as e:
         raise DataError(f"{base}/{INFO}: not JSON ({e})") from None
     splits_info = info.get("splits") or {}
