@@ -158,12 +158,18 @@ def test_a_killed_writer_continues_where_it_stopped_and_ends_with_the_same_files
 
 
 @pytest.mark.slow
-def test_two_processes_write_their_halves_into_the_same_files(data, teacher, stored, tmp_path):
+def test_two_processes_write_their_halves_into_the_same_files_and_train_from_them(data, teacher, stored, tmp_path):
     result = torchrun(train.__file__, "--data-dir", data, *COMMON, "--teacher", teacher, "--write-teacher-outputs",
                       tmp_path / "views", "--teacher-views", 3, "--teacher-top-k", 5)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "12 images left for this process of 2" in result.stdout + result.stderr
     same_files(tmp_path / "views", stored)
+    # and two processes train from them, each reading the stored outputs of its own share of the images
+    result = torchrun(train.__file__, "--data-dir", data, *COMMON, "--teacher-outputs", tmp_path / "views",
+                      "--distill-loss", "dist", "--num-epochs", "1", "--save-path", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = load_checkpoint(tmp_path / "run" / "last.pth")
+    assert saved["world_size"] == 2 and saved["args"]["teacher_outputs"] == str(tmp_path / "views")
 
 
 @pytest.mark.slow
