@@ -271,7 +271,9 @@ def write(args, spec, transform, context, log=print):
         top = logits.topk(k, dim=1)
         rows = indices.numpy()
         shape = (len(rows), meta["views"], k)
-        arrays["logits"][rows] = top.values.reshape(shape).cpu().numpy().astype(np.float16)
+        # float16 holds logits to about 3 significant digits; beyond its range they are clamped, never inf
+        values = top.values.clamp(-65504, 65504)
+        arrays["logits"][rows] = values.reshape(shape).cpu().numpy().astype(np.float16)
         arrays["classes"][rows] = top.indices.reshape(shape).cpu().numpy()
         arrays["boxes"][rows] = boxes.numpy()
         arrays["flips"][rows] = flips.numpy()
