@@ -49,11 +49,6 @@ def stored_outputs(folder, images, views, top_k, num_classes=1000):
     return teacher_outputs.StoredOutputs(folder, meta, arrays, seed=0)
 
 
-def bytes_per_image(views, top_k, num_classes=1000):
-    return sum(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
-               for dtype, shape in teacher_outputs.files(views, top_k, num_classes).values())
-
-
 def step_seconds(device, batch_size, size, teacher_name, loss, amp, repeats, views=10, top_k=10, log=print):
     torch.manual_seed(0)
     student = MobileNetV2().to(device, memory_format=torch.channels_last).train()
@@ -103,7 +98,7 @@ def step_seconds(device, batch_size, size, teacher_name, loss, amp, repeats, vie
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     p, t, st = (statistics.median(times[mode]) for mode in modes)
-    per_image = bytes_per_image(views, top_k)
+    per_image = teacher_outputs.bytes_per_image(views, top_k, 1000)
     log(f"{device.type}, batch {batch_size} x {size} px, teacher {teacher_name} ({loss}): plain step {1000 * p:.0f} ms, "
         f"with the teacher {1000 * t:.0f} ms ({t / p:.2f}x), with stored outputs {1000 * st:.0f} ms ({st / p:.2f}x); "
         f"stored outputs at {views} views, top {top_k}: {per_image} bytes per image, "

@@ -344,3 +344,19 @@ def test_fine_tuning_a_folder_from_stored_outputs_then_evaluating_it(teacher, tm
 def checkpoint_sha(path):
     from mnv2.weights import sha256_of
     return sha256_of(path)
+
+
+@pytest.mark.slow
+def test_teacher_outputs_written_from_shards_train_from_the_same_shards(data, teacher, tmp_path):
+    """The writer reads --data-dir as training does: a shard set too (its members fingerprinted by shard and
+    name, so the outputs follow the shards wherever they are served)."""
+    import read_ImageNetData
+    code, err, _ = run_script(read_ImageNetData, "--data-dir", data, "--write-shards", tmp_path / "wds",
+                              "--shard-size", "0.01", "-j", "1")
+    assert code == 0, err
+    write(tmp_path / "wds", teacher, tmp_path / "views")
+    code, err, out = run_script(train, "--data-dir", tmp_path / "wds", *COMMON, "--teacher-outputs", tmp_path / "views",
+                                "--num-epochs", "1", "--save-path", tmp_path / "run")
+    assert code == 0, err
+    assert "from stored outputs" in out
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["args"]["teacher_outputs"] == str(tmp_path / "views")

@@ -93,17 +93,8 @@ def build_data(spec, context, log):
         raise UsageError(f"--batch-size {spec.batch_size} does not split evenly over {context.world_size} "
                          f"processes x --accum-steps {spec.accum_steps}")
     per_rank = spec.batch_size // context.world_size
-    found = shards.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size, spec.val_resize_size,
-                                  spec.interpolation, val_split=spec.val_split, log=log)  # or None: folders
-    found = found or image_folders.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size,
-                                                  spec.val_resize_size, spec.interpolation, val_split=spec.val_split,
-                                                  seed=spec.seed, recorded_split=spec.recorded_split,
-                                                  num_classes=spec.num_classes, log=log)
+    found = find_data(spec, log)
     train_set, val_set, classes = found.train, found.val, found.classes
-    if found.note:
-        log(found.note)
-    if train_set is None or len(train_set) == 0:
-        raise UsageError(f"--data-dir {spec.data_dir}: no training images found")
     train_set.transform = training_transform(spec)
     stored = None
     if spec.stored_outputs is not None:  # each image shows the epoch's stored view, rebuilt and checked
@@ -147,6 +138,22 @@ def build_data(spec, context, log):
                      "dataset": found.kind, "val_split": found.val_split}
     return Data(train_loader, val_loader, sampler, classes, len(train_set), len(val_set) if val_set else 0,
                 per_rank, steps_per_epoch, preprocessing, stored)
+
+
+def find_data(spec, log):
+    """The training and validation sets and classes of `spec.data_dir` (shards and archives, else
+    image_folders'); no training image is one line."""
+    found = shards.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size, spec.val_resize_size,
+                                  spec.interpolation, val_split=spec.val_split, log=log)  # or None: folders
+    found = found or image_folders.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size,
+                                                  spec.val_resize_size, spec.interpolation, val_split=spec.val_split,
+                                                  seed=spec.seed, recorded_split=spec.recorded_split,
+                                                  num_classes=spec.num_classes, log=log)
+    if found.note:
+        log(found.note)
+    if found.train is None or len(found.train) == 0:
+        raise UsageError(f"--data-dir {spec.data_dir}: no training images found")
+    return found
 
 
 def training_transform(spec):

@@ -18,7 +18,7 @@ from mnv2.data.demo import DEMO_MARKER, demo_is_complete, make_demo
 from mnv2.deploy import quantization
 from mnv2.training import distill, finetune, teacher_outputs
 from mnv2.training.config import recipe_lines
-from mnv2.training.datasets import DataSpec, build_data, training_transform
+from mnv2.training.datasets import DataSpec, build_data, find_data, training_transform
 from mnv2.training.learner import build_learner, check_batchnorm_batch, probe_on_cached_features
 from mnv2.training.loop import (EpochMeter, Preempted, Progress, StopFlag, epoch_line, epoch_record, epoch_seed,
                                 train_one_epoch, validate)
@@ -66,7 +66,9 @@ def run(args, on_step=None, args_yaml=None):
     try:
         if args.write_teacher_outputs:  # no training: the teacher's outputs on every training image's views
             spec = DataSpec.from_args(args, None)
-            return teacher_outputs.write(args, spec, training_transform(spec), context, cli.logger(context.is_main))
+            log = cli.logger(context.is_main)
+            return teacher_outputs.write(args, spec.data_dir, find_data(spec, log), training_transform(spec), context,
+                                         log)
         with StopFlag() as stop, outputs.RunDirectory(args.save_path) as run_dir:
             return train(args, context, stop, run_dir, on_step, args_yaml)
     finally:

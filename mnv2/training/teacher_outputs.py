@@ -34,12 +34,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from mnv2 import distributed, outputs
 from mnv2.cli import UsageError
-from mnv2.data import folders as image_folders
 from mnv2.data.imagenet import DataError
 from mnv2.data.loaders import seeded
 from mnv2.data.ranges import Member, SourceError
 from mnv2.data.transforms import normalize
 from mnv2.training import distill
+from mnv2.weights import sha256_of
 
 FORMAT = "mobilenetv2-teacher-outputs"
 META = "outputs.json"
@@ -193,7 +193,7 @@ def prepare(folder, meta, context, log):
                 create(folder, meta)
             except OSError as e:
                 raise UsageError(f"{flag} {folder}: cannot be written ({e.strerror or e}); give a folder with room "
-                                 f"for {meta['images'] * _row_bytes(meta) / 1e6:.1f} MB") from None
+                                 f"for {meta['images'] * bytes_per_image(meta['views'], meta['top_k'], len(meta['classes']['wnids'])) / 1e6:.1f} MB") from None
     distributed.barrier(context)
     stored = _read_meta(folder, flag)
     if stored.get("complete"):
@@ -201,9 +201,10 @@ def prepare(folder, meta, context, log):
     return _open_arrays(folder, stored, "r+")
 
 
-def _row_bytes(meta):
-    shapes = files(meta["views"], meta["top_k"], len(meta["classes"]["wnids"]))
-    return sum(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)) for dtype, shape in shapes.values())
+def bytes_per_image(views, k, num_classes):
+    """What DIR holds per training image at these sizes (the .npy headers aside)."""
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+               for dtype, shape in files(views, k, num_classes).values())
 
 
 def _only_our_arrays(folder):
@@ -228,15 +229,10 @@ def create(folder, meta):
     outputs.atomic_write(folder / META, json.dumps(meta, indent=1))
 
 
-def write(args, spec, transform, context, log=print):
+def write(args, data_dir, found, transform, context, log=print):
     """`train.py --write-teacher-outputs DIR`: every training image's views through the teacher, this rank's
-    share (images rank, rank + R, ...), resumable. `spec` (datasets.DataSpec) and `transform` are the
-    training set's, as train.py builds them. Returns 0."""
-    found = image_folders.build_datasets(spec.data_dir, spec.class_order, spec.val_crop_size, spec.val_resize_size,
-                                         spec.interpolation, val_split=spec.val_split, seed=spec.seed,
-                                         num_classes=spec.num_classes, log=log)
-    if found.train is None or len(found.train) == 0:
-        raise UsageError(f"--data-dir {spec.data_dir}: no training images found")
+    share (images rank, rank + R, ...), resumable. `found` (what datasets.find_data found in `data_dir`) and
+    `transform` are the training set's, as train.py builds them. Returns 0."""
     samples, classes = found.train.samples, found.classes
     teacher = distill.load_teacher(args.teacher, log=log)
     distill.check_classes(teacher, args.teacher, len(classes.wnids), list(classes.names))
@@ -244,8 +240,8 @@ def write(args, spec, transform, context, log=print):
     meta = {"format": FORMAT, "version": 1, "images": len(samples), "views": args.teacher_views, "top_k": k,
             "teacher": teacher.name, "teacher_sha256": teacher.sha256,
             "teacher_mean": list(teacher.mean), "teacher_std": list(teacher.std),
-            "data_fingerprint": fingerprint(samples, spec.data_dir, list(classes.wnids)),
-            "data_dir": str(spec.data_dir), "val_split": found.val_split,
+            "data_fingerprint": fingerprint(samples, data_dir, list(classes.wnids)),
+            "data_dir": str(data_dir), "val_split": found.val_split,
             "classes": {"order": classes.order, "wnids": list(classes.wnids), "names": list(classes.names)},
             "view": view_record(args), "seed": args.seed, "complete": False}
     folder = Path(args.write_teacher_outputs)
@@ -301,7 +297,7 @@ def finish(folder, arrays, log):
     for array in arrays.values():
         array.flush()
     meta = _read_meta(folder, "--write-teacher-outputs")
-    meta["sha256"] = {name: _sha256(folder / f"{name}.npy") for name in arrays}
+    meta["sha256"] = {name: sha256_of(folder / f"{name}.npy") for name in arrays}
     meta["complete"] = True
     outputs.atomic_write(folder / META, json.dumps(meta, indent=1))
     size = sum((folder / f"{name}.npy").stat().st_size for name in arrays)
@@ -309,14 +305,6 @@ def finish(folder, arrays, log):
     log(f"wrote {folder}: {meta['images']} images x {meta['views']} views, top {meta['top_k']} logits, "
         f"{size / 1e6:.1f} MB, {per_image:.0f} bytes per image (ImageNet's 1,281,167 training images: "
         f"{per_image * 1_281_167 / 1e9:.2f} GB)")
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,7 +335,7 @@ class StoredOutputs:
     def record(self):
         """What a checkpoint keeps: the folder, the sha256 of its description (which holds every file's), the
         teacher it stores."""
-        return {"teacher_outputs": str(self.folder), "teacher_outputs_sha256": _sha256(self.folder / META),
+        return {"teacher_outputs": str(self.folder), "teacher_outputs_sha256": sha256_of(self.folder / META),
                 "teacher": self.meta["teacher"], "teacher_sha256": self.meta["teacher_sha256"]}
 
 
@@ -373,7 +361,7 @@ def open_for_training(folder, samples, data_dir, classes, args, log=print):
         check_teacher(args.teacher, meta, folder)
     arrays = _open_arrays(folder, meta, "r")
     for name in arrays:
-        if _sha256(folder / f"{name}.npy") != meta["sha256"].get(name):
+        if sha256_of(folder / f"{name}.npy") != meta["sha256"].get(name):
             raise UsageError(f"{flag} {folder}: {name}.npy does not match the sha256 in {META} (changed or "
                              "damaged); write the outputs again")
     log(f"teacher outputs {folder}: {meta['images']} images x {meta['views']} views, top {meta['top_k']} logits of "
@@ -385,7 +373,6 @@ def check_teacher(spec, meta, folder):
     """`--teacher` beside `--teacher-outputs` names the teacher the outputs must come from."""
     path = Path(spec)
     if path.exists():
-        from mnv2.weights import sha256_of
         same = meta["teacher_sha256"] is not None and sha256_of(path) == meta["teacher_sha256"]
     else:
         same = spec == meta["teacher"]
